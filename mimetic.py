@@ -1,0 +1,513 @@
+"""mimetic.py — Mamba 1/2, attention baselines, recall tasks and mimetic initialization in one file.
+
+Trockman, Harutyunyan, Kolter, Kumar, Bhojanapalli (2024), "Mimetic Initialization Helps State Space
+Models Learn to Recall", arXiv:2410.11135. The synthetic tasks follow that paper and Gu & Dao (2023) §4.1.
+
+Glossary (code → paper):
+  d_inner                     D       SSM channels (expand · d_model); the layer input is X ∈ R^{D×T}
+  d_state                     N       state size per channel
+  L                           T       sequence length
+  A_log, layer.A              A       continuous diagonal state matrix, A = −exp(A_log) (§2); Mamba 2: one
+                                      scalar per head H
+  mimetic_c                   c       mimetic reparameterization A = −exp(−c · A_log) (§3.1)
+  dt, delta                   Δ       step size softplus(W_Δ X + b_Δ) (Eq. 4); b_Δ = dt_proj.bias (Mamba 1),
+                                      dt_bias (Mamba 2)
+  x_proj / in_proj rows       W_B, W_C  input and output projections of the state (Eq. 5–6)
+  B, C                        B_t, C_t  B̄ = Δ B (Eq. 5), C = W_C X (Eq. 6)
+  exp(Δ A)                    Ā       discretized A (Eq. 7)
+  attention_matrix            M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
+  attention_map / _mask               channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
+
+Reading order: the selective scan (the spec), norms, Mamba 1, Mamba 2, baselines, the LM, mimetic init,
+attention maps, tasks. Uses kernels.py (fast scans) when it is importable, its own short loop otherwise.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import kernels
+except ImportError:  # mimetic.py copied alone: the pure-PyTorch loop below does the work
+    kernels = None
+
+use_kernels = kernels is not None  # set False to force the readable loop (tests compare the two)
+SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimetic dt bias (§3.1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selective scan (Eq. 2–3): the readable loop is the spec, kernels.py the fast path
+
+def selective_scan_loop(u, delta, A, B, C):
+    """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), one step at a time.
+
+    u, delta: (b, D, L); A: (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G).
+    Returns y: (b, D, L). unbind() slices time once, so autograd does not copy (b, D, L) per step.
+    """
+    b, D, L = u.shape
+    G, N = B.shape[1], B.shape[2]
+    h = u.new_zeros(b, G, D // G, N)
+    A = A.view(G, D // G, N)
+    ys = []
+    for u_t, dt_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        dt_t = dt_t.view(b, G, D // G, 1)
+        h = torch.exp(dt_t * A) * h + dt_t * B_t[:, :, None] * u_t.view(b, G, D // G, 1)
+        ys.append((h * C_t[:, :, None]).sum(-1).view(b, D))
+    return torch.stack(ys, dim=-1)  # (b, D, L)
+
+
+def selective_scan(u, dt, A, B, C, D, z, dt_bias):
+    """The Mamba 1 scan with softplus(dt + bias), the D skip and the SiLU(z) gate. B, C: (b, N, L)."""
+    if use_kernels:
+        return kernels.selective_scan(u, dt, A, B, C, D, z, dt_bias, delta_softplus=True)
+    delta = F.softplus(dt + dt_bias[:, None])
+    y = selective_scan_loop(u, delta, A, B[:, None], C[:, None]) + D[:, None] * u
+    return y * F.silu(z)
+
+
+def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
+    """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P).
+
+    Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2).
+    """
+    if use_kernels:
+        return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk_size)
+    b, L, H, P = x.shape
+    N = B.shape[-1]
+    u = x.permute(0, 2, 3, 1).reshape(b, H * P, L)  # (b, H·P, L)
+    delta = F.softplus(dt + dt_bias).transpose(1, 2).repeat_interleave(P, dim=1)  # (b, H·P, L)
+    A = A.repeat_interleave(P)[:, None].expand(H * P, N)  # (H·P, N)
+    y = selective_scan_loop(u, delta, A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1))
+    return y.view(b, H, P, L).permute(0, 3, 1, 2) + D[:, None] * x  # (b, L, H, P)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Norms
+
+class RMSNorm(nn.Module):
+    """RMSNorm over groups of `group_size` features; with z, Mamba 2's gated form norm(x · SiLU(z))."""
+
+    def __init__(self, d, eps=1e-5, group_size=None):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size or d
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x, z=None):
+        dtype = x.dtype
+        x = x.float()
+        if z is not None:
+            x = x * F.silu(z.float())
+        groups = x.view(*x.shape[:-1], -1, self.group_size)  # (..., d / group_size, group_size)
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (groups.view_as(x) * self.weight).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selective state space layers
+
+def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
+    """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = log_dt.exp().clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(Δ) = Δ + log(1 − e^{−Δ})
+
+
+def _check_input(hidden_states, d_model):
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
+        raise ValueError(f"hidden_states must be (batch, length, {d_model}), got {tuple(hidden_states.shape)}")
+
+
+class SelectiveSSM(nn.Module):
+    """What Mamba 1 and 2 share: A from A_log, by default or in mimetic form (§3.1).
+
+    `mimetic_c` is None for the reference parameterization A = −exp(A_log). mimetic_init_ sets it to
+    a scalar buffer c, so A = −exp(−c · A_log) persists through training and in the state dict.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mimetic_c", None)
+
+    @property
+    def A(self):
+        A_log = self.A_log.float()
+        return -torch.exp(A_log if self.mimetic_c is None else -self.mimetic_c * A_log)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a mimetic layer's state dict carries c: make room for it so it loads into a fresh layer
+        if prefix + "mimetic_c" in state_dict and self.mimetic_c is None:
+            self.mimetic_c = torch.empty_like(state_dict[prefix + "mimetic_c"], device=self.A_log.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Mamba1(SelectiveSSM):
+    """The Mamba 1 block (Eq. 9) with the reference module's parameter names, shapes and init.
+
+    out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ),  [x, z] = in_proj(u);  x_proj rows are [dt, B, C].
+    Input and output: (batch, length, d_model).
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=1e-3, dt_max=0.1,
+                 dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
+        super().__init__()
+        self.d_model, self.d_state, self.d_inner = d_model, d_state, expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        D, N, R = self.d_inner, d_state, self.dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * D, bias=bias)
+        self.conv1d = nn.Conv1d(D, D, d_conv, groups=D, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, D, bias=True)
+        nn.init.uniform_(self.dt_proj.weight, -dt_scale * R**-0.5, dt_scale * R**-0.5)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt_bias_init(D, dt_min, dt_max, dt_init_floor))
+        self.dt_proj.bias._no_reinit = True  # the LM's init zeroes Linear biases, but not this one
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
+        self.D = nn.Parameter(torch.ones(D))
+        self.out_proj = nn.Linear(D, d_model, bias=bias)
+
+    def ssm_inputs(self, hidden_states):
+        """(b, L, d_model) → x (b, D, L) after conv and SiLU, dt (b, D, L) before its bias, B, C (b, N, L), z."""
+        _check_input(hidden_states, self.d_model)
+        L = hidden_states.shape[1]
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, D, L) each
+        x = F.silu(self.conv1d(x)[..., :L])  # causal: the first L outputs of the padded conv
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (b, D, L); the bias is added in the scan
+        return x, dt, B.transpose(1, 2), C.transpose(1, 2), z
+
+    def ssm_params(self, hidden_states):
+        """Δ (b, D, L), A (D, N), B, C (b, 1, N, L): everything Eq. 8 needs, per channel."""
+        _, dt, B, C, _ = self.ssm_inputs(hidden_states)
+        return F.softplus(dt + self.dt_proj.bias[:, None]), self.A, B[:, None], C[:, None]
+
+    def forward(self, hidden_states):
+        x, dt, B, C, z = self.ssm_inputs(hidden_states)
+        y = selective_scan(x, dt, self.A, B, C, self.D.float(), z, self.dt_proj.bias.float())
+        return self.out_proj(y.transpose(1, 2))  # (b, L, d_model)
+
+
+class Mamba2(SelectiveSSM):
+    """The Mamba 2 block with the reference names: in_proj emits [z, x, B, C, dt]; one conv1d over
+    x, B and C; scalar A per head; out_proj(norm(y · SiLU(z))). Input and output: (b, L, d_model)."""
+
+    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, A_init_range=(1, 16),
+                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, chunk_size=64, conv_bias=True, bias=False):
+        super().__init__()
+        self.d_model, self.d_state, self.d_inner = d_model, d_state, expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"d_inner = expand·d_model = {self.d_inner} is not divisible by headdim={headdim}")
+        self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, self.d_inner // headdim, ngroups, chunk_size
+        if self.nheads % ngroups:
+            raise ValueError(f"nheads={self.nheads} is not divisible by ngroups={ngroups}")
+        D, N, G, H = self.d_inner, d_state, ngroups, self.nheads
+        self.in_proj = nn.Linear(d_model, 2 * D + 2 * G * N + H, bias=bias)
+        self.conv1d = nn.Conv1d(D + 2 * G * N, D + 2 * G * N, d_conv, groups=D + 2 * G * N,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.dt_bias = nn.Parameter(dt_bias_init(H, dt_min, dt_max, dt_init_floor))
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(*A_init_range).log())  # (H,)
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = RMSNorm(D, eps=1e-5, group_size=D // G)
+        self.out_proj = nn.Linear(D, d_model, bias=bias)
+
+    def ssm_inputs(self, hidden_states):
+        """(b, L, d_model) → z (b, L, D), x (b, L, H, P), B, C (b, L, G, N), dt (b, L, H) before its bias."""
+        _check_input(hidden_states, self.d_model)
+        b, L, _ = hidden_states.shape
+        D, GN = self.d_inner, self.ngroups * self.d_state
+        z, xBC, dt = self.in_proj(hidden_states).split([D, D + 2 * GN, self.nheads], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)  # (b, L, D + 2GN)
+        x, B, C = xBC.split([D, GN, GN], dim=-1)
+        return (z, x.reshape(b, L, self.nheads, self.headdim),
+                B.reshape(b, L, self.ngroups, self.d_state), C.reshape(b, L, self.ngroups, self.d_state), dt)
+
+    def ssm_params(self, hidden_states):
+        """Δ (b, H, L), A (H, N), B, C (b, G, N, L): Eq. 8 per head, A the same for all N (§2)."""
+        _, _, B, C, dt = self.ssm_inputs(hidden_states)
+        delta = F.softplus(dt + self.dt_bias).transpose(1, 2)  # (b, H, L)
+        A = self.A[:, None].expand(self.nheads, self.d_state)  # (H, N)
+        return delta, A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
+
+    def forward(self, hidden_states):
+        z, x, B, C, dt = self.ssm_inputs(hidden_states)
+        y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
+        y = self.norm(y.reshape(*z.shape), z)  # (b, L, D)
+        return self.out_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baselines: softmax attention (the hybrid's layer, §3 Fig. 2) and linear attention (Fig. 5)
+
+def _split_heads(t, n_heads):
+    return t.view(*t.shape[:2], n_heads, -1).transpose(1, 2)  # (b, L, h·d) → (b, h, L, d)
+
+
+class Attention(nn.Module):
+    """Causal softmax self-attention without positional embedding: in the paper's hybrid, position
+    comes from the neighbouring Mamba layers."""
+
+    def __init__(self, d_model, n_heads=1):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, hidden_states):
+        _check_input(hidden_states, self.d_model)
+        q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(hidden_states).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, L, d)
+        return self.out_proj(y.transpose(1, 2).flatten(2))
+
+    def attention_matrix(self, hidden_states):
+        _check_input(hidden_states, self.d_model)
+        q, k, _ = (_split_heads(t, self.n_heads) for t in self.qkv(hidden_states).chunk(3, dim=-1))
+        L = q.shape[2]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, h, L, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+class LinearAttention(nn.Module):
+    """Simple causal linear attention, y_i = Σ_{j≤i} (q_i · k_j / √head_dim) v_j: no feature map and no
+    normalizer, i.e. Eq. 12 with its own query/key/value projections (the Fig. 5 baseline).
+    q and k have `head_dim` features per head, values split d_model across heads."""
+
+    def __init__(self, d_model, head_dim=32, n_heads=1):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model, self.head_dim, self.n_heads = d_model, head_dim, n_heads
+        self.qk = nn.Linear(d_model, 2 * n_heads * head_dim, bias=False)
+        self.v = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def attention_matrix(self, hidden_states):
+        _check_input(hidden_states, self.d_model)
+        q, k = (_split_heads(t, self.n_heads) for t in self.qk(hidden_states).chunk(2, dim=-1))
+        return (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).tril()  # (b, h, L, L)
+
+    def forward(self, hidden_states):
+        y = self.attention_matrix(hidden_states) @ _split_heads(self.v(hidden_states), self.n_heads)
+        return self.out_proj(y.transpose(1, 2).flatten(2))  # (b, h, L, d) → (b, L, d_model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The language model: embedding → pre-norm residual blocks → final norm → tied head
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32
+    d_model: int = 64
+    n_layers: int = 4
+    arch: str = "mamba1"          # "mamba1" | "mamba2": the block behind the letter M
+    pattern: str | None = None    # one letter per layer: M (Mamba), A (attention), L (linear attention)
+    d_state: int | None = None    # None: the block's default, 16 (Mamba 1) or 128 (Mamba 2)
+    expand: int = 2
+    d_conv: int = 4
+    headdim: int = 64             # Mamba 2
+    ngroups: int = 1              # Mamba 2
+    chunk_size: int = 64          # Mamba 2
+    n_heads: int = 1              # attention and linear attention
+    linear_head_dim: int = 32     # linear attention's query/key features per head
+
+    def __post_init__(self):
+        if self.arch not in ("mamba1", "mamba2"):
+            raise ValueError(f"arch must be 'mamba1' or 'mamba2', got {self.arch!r}")
+        self.pattern = self.pattern or "M" * self.n_layers
+        if len(self.pattern) != self.n_layers or set(self.pattern) - set("MAL"):
+            raise ValueError(f"pattern must be {self.n_layers} letters from M, A, L, got {self.pattern!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "expand", "d_conv", "headdim", "n_heads",
+                     "linear_head_dim", "ngroups", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_state is not None and self.d_state <= 0:
+            raise ValueError(f"d_state must be positive, got {self.d_state}")
+
+
+def make_mixer(letter, cfg):
+    """The sequence mixer for one letter of cfg.pattern."""
+    if letter == "A":
+        return Attention(cfg.d_model, cfg.n_heads)
+    if letter == "L":
+        return LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)
+    state = {} if cfg.d_state is None else {"d_state": cfg.d_state}
+    if cfg.arch == "mamba1":
+        return Mamba1(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, **state)
+    return Mamba2(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+                  ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, **state)
+
+
+class Block(nn.Module):
+    def __init__(self, mixer, d_model):
+        super().__init__()
+        self.norm, self.mixer = RMSNorm(d_model), mixer
+
+    def forward(self, h):
+        return h + self.mixer(self.norm(h))
+
+
+class LM(nn.Module):
+    """A token model with the reference Mamba LM's init: embedding N(0, 0.02), Linear biases zeroed
+    except those marked _no_reinit (the dt bias), out_proj re-drawn and scaled by 1/√n_layers."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(make_mixer(c, config), config.d_model) for c in config.pattern)
+        self.norm_f = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embedding.weight  # tied
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight"):  # GPT-2's residual scaling, as in the reference
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                with torch.no_grad():
+                    p /= math.sqrt(config.n_layers)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def mixer_inputs(self, input_ids):
+        """The normalized hidden states each layer's mixer reads: a list of (b, L, d_model)."""
+        h, inputs = self.embedding(input_ids), []
+        for block in self.layers:
+            inputs.append(block.norm(h))
+            h = h + block.mixer(inputs[-1])
+        return inputs
+
+    def forward(self, input_ids):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
+        h = self.embedding(input_ids)
+        for block in self.layers:
+            h = block(h)
+        return self.lm_head(self.norm_f(h))  # (b, L, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mimetic initialization (§3)
+
+def _projection_rows(layer):
+    """(weight, W_Δ rows, W_B rows, W_C rows per group) of the layer's projections, as slices."""
+    if isinstance(layer, Mamba1):
+        R, N = layer.dt_rank, layer.d_state
+        return layer.x_proj.weight, layer.dt_proj.weight, [slice(R, R + N)], [slice(R + N, R + 2 * N)]
+    D, G, N = layer.d_inner, layer.ngroups, layer.d_state
+    Bs = [slice(2 * D + g * N, 2 * D + (g + 1) * N) for g in range(G)]
+    Cs = [slice(2 * D + (G + g) * N, 2 * D + (G + g + 1) * N) for g in range(G)]
+    return layer.in_proj.weight, layer.in_proj.weight[-layer.nheads:], Bs, Cs
+
+
+@torch.no_grad()
+def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=None):
+    """Apply the paper's mimetic initialization (§3) in place to a Mamba1/Mamba2 block or to the Mamba
+    blocks of an LM (`layers`: their indices in model.layers, 0-based; the paper's "layer 4 of 8" is [3]).
+
+    | component     | parameters touched                          | values                               | §    |
+    |---------------|---------------------------------------------|--------------------------------------|------|
+    | A ≈ 0, Ā ≈ 1  | mimetic_c (new buffer), A_log kept           | A = −exp(−c · A_log)                 | 3.1  |
+    | Δ ≈ 1         | W_Δ: dt_proj.weight (M1), dt rows of         | W_Δ = 0, b_Δ = softplus⁻¹(1) ≈ 0.5413 | 3.1  |
+    |               | in_proj (M2); b_Δ: dt_proj.bias / dt_bias   |                                      |      |
+    | W_Cᵀ W_B ≈ I  | W_B, W_C rows of x_proj (M1) / in_proj (M2) | W_C ← ½ (W_C + W_B), per group       | 3.2  |
+    | conv ≈ I      | conv1d.weight, conv1d.bias                  | 1 on the current-token (last) tap,    | 3 Fig 3 |
+    |               |                                             | 0 elsewhere; bias 0                  |      |
+
+    W_C is still its default init when this runs, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B, whose mean is
+    ½ E[W_Bᵀ W_B] = N / (6 · fan_in) · I for the default U(±1/√fan_in) init (fan_in = d_inner for Mamba 1,
+    d_model for Mamba 2): a scaled identity, of rank N. Mamba 1's A_log = log 1 = 0 keeps A = −1 for
+    its first state dimension whatever c is, so "Ā ≈ 1" holds for n ≥ 2 there. conv=None means on
+    for Mamba 2 and off for Mamba 1, the paper's recommendation (§3, Fig. 3).
+    """
+    if c <= 0:
+        raise ValueError(f"c must be positive, got {c}")
+    if isinstance(module, SelectiveSSM):
+        if layers is not None:
+            raise ValueError("layers= selects blocks of an LM; pass the LM, not a single block")
+        targets = [module]
+    elif isinstance(module, LM):
+        mamba = [i for i, block in enumerate(module.layers) if isinstance(block.mixer, SelectiveSSM)]
+        chosen = mamba if layers is None else list(layers)
+        if bad := [i for i in chosen if i not in mamba]:
+            raise ValueError(f"layers {bad} are not Mamba layers of this model; its Mamba layers are {mamba}")
+        targets = [module.layers[i].mixer for i in chosen]
+    else:
+        raise TypeError(f"mimetic_init_ takes a Mamba1, Mamba2 or LM, got {type(module).__name__}")
+    for layer in targets:
+        weight, W_dt, Bs, Cs = _projection_rows(layer)
+        identity_conv = isinstance(layer, Mamba2) if conv is None else conv
+        if A:
+            layer.mimetic_c = torch.tensor(float(c), device=layer.A_log.device)
+        if dt:
+            W_dt.zero_()
+            (layer.dt_proj.bias if isinstance(layer, Mamba1) else layer.dt_bias).fill_(SOFTPLUS_INV_1)
+        if bc:
+            for rows_B, rows_C in zip(Bs, Cs):
+                weight[rows_C] = 0.5 * (weight[rows_C] + weight[rows_B])
+        if identity_conv:
+            layer.conv1d.weight.zero_()
+            layer.conv1d.weight[:, 0, -1] = 1.0
+            if layer.conv1d.bias is not None:
+                layer.conv1d.bias.zero_()
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā
+
+def segment_sum(log_a):
+    """S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j and −inf above the diagonal, so exp(S) is the
+    causal mask ∏_{k=j+1..i} Ā_k. Summing masked terms (not differencing a cumsum) keeps it exact for
+    long L. (..., L) → (..., L, L)."""
+    L = log_a.shape[-1]
+    ones = torch.ones(L, L, dtype=torch.bool, device=log_a.device)
+    terms = log_a[..., :, None].expand(*log_a.shape, L).masked_fill(~ones.tril(-1), 0)  # [k, j] = log_a[k], k > j
+    return terms.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
+
+
+def ssm_matrix(delta, A, B, C):
+    """Eq. 8: M[b, d, i, j] = Σ_n C[b, n, i] · exp(Σ_{k=j+1..i} Δ[b, d, k] A[d, n]) · Δ[b, d, j] B[b, n, j].
+
+    delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) → M: (b, D, L, L), with y_d = M_d x_d the scan.
+    """
+    b, D, L = delta.shape
+    G, N = B.shape[1], B.shape[2]
+    M = delta.new_zeros(b, D, L, L)
+    for n in range(N):  # one state dimension at a time keeps memory at (b, D, L, L)
+        B_n, C_n = (t[:, :, n].repeat_interleave(D // G, dim=1) for t in (B, C))  # (b, D, L)
+        M += C_n[..., :, None] * segment_sum(delta * A[:, n, None]).exp() * (delta * B_n)[..., None, :]
+    return M
+
+
+def attention_matrix(layer, hidden_states):
+    """M of a mixing layer on hidden_states (b, L, d_model): (b, D, L, L) per channel for Mamba 1,
+    (b, H, L, L) per head for Mamba 2, Attention and LinearAttention. For Mamba, M times the SSM input
+    (after conv and SiLU) is the SSM output before the D skip and the z gate."""
+    if isinstance(layer, SelectiveSSM):
+        return ssm_matrix(*layer.ssm_params(hidden_states))
+    if isinstance(layer, (Attention, LinearAttention)):
+        return layer.attention_matrix(hidden_states)
+    raise TypeError(f"no attention matrix for {type(layer).__name__}")
+
+
+def attention_map(layer, hidden_states):
+    """The layer's attention map (§2): M averaged over channels (heads), (b, L, L)."""
+    return attention_matrix(layer, hidden_states).mean(1)
+
+
+def attention_mask(layer, hidden_states):
+    """The average attention mask (§2): (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}, (b, L, L); its reach
+    shows how far back the layer can look."""
+    if not isinstance(layer, SelectiveSSM):
+        raise TypeError(f"only Mamba layers have a mask ∏Ā, got {type(layer).__name__}")
+    delta, A, _, _ = layer.ssm_params(hidden_states)
+    return sum(segment_sum(delta * A[:, n, None]).exp().mean(1) for n in range(A.shape[1])) / A.shape[1]

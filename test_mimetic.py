@@ -1,0 +1,352 @@
+"""Tests for mimetic.py (and kernels.py): every claim of the README and the docstrings, on CPU."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mimetic
+from mimetic import LM, Attention, LinearAttention, Mamba1, Mamba2, ModelConfig, mimetic_init_
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(params=["loop", "kernels"])
+def scan_path(request, monkeypatch):
+    """Run a test once on mimetic.py's own loop and once on kernels.py's fast path."""
+    if request.param == "kernels" and mimetic.kernels is None:
+        pytest.skip("kernels.py not importable")
+    monkeypatch.setattr(mimetic, "use_kernels", request.param == "kernels")
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slow references written from the equations, in float64
+
+def causal_conv(x, weight, bias):
+    """Depthwise causal conv: out[t, d] = bias[d] + Σ_k w[d, k] x[t − (K−1) + k, d]. x: (b, L, D)."""
+    K, L = weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, K - 1, 0))
+    return sum(weight[:, 0, k] * padded[:, k:k + L] for k in range(K)) + bias
+
+
+def recurrence(x, delta, A, B, C):
+    """h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t x_t, y_t = C_t · h_t. x, delta: (b, L, D); A (D, N); B, C (b, L, D, N)."""
+    h, ys = 0, []
+    for t in range(x.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * A) * h + delta[:, t, :, None] * B[:, t] * x[:, t, :, None]
+        ys.append((h * C[:, t]).sum(-1))
+    return torch.stack(ys, 1)
+
+
+def mamba1_reference(layer, u):
+    p = {k: v.double() for k, v in layer.state_dict().items()}
+    D, N, R = layer.d_inner, layer.d_state, layer.dt_rank
+    xz = u.double() @ p["in_proj.weight"].T
+    x = F.silu(causal_conv(xz[..., :D], p["conv1d.weight"], p["conv1d.bias"]))
+    dt, B, C = (x @ p["x_proj.weight"].T).split([R, N, N], dim=-1)
+    delta = F.softplus(dt @ p["dt_proj.weight"].T + p["dt_proj.bias"])
+    B, C = (t[:, :, None, :].expand(-1, -1, D, -1) for t in (B, C))
+    y = (recurrence(x, delta, layer.A.double(), B, C) + p["D"] * x) * F.silu(xz[..., D:])
+    return y @ p["out_proj.weight"].T
+
+
+def mamba2_reference(layer, u):
+    p = {k: v.double() for k, v in layer.state_dict().items()}
+    D, N, G, H, P = layer.d_inner, layer.d_state, layer.ngroups, layer.nheads, layer.headdim
+    z, xBC, dt = (u.double() @ p["in_proj.weight"].T).split([D, D + 2 * G * N, H], dim=-1)
+    x, B, C = F.silu(causal_conv(xBC, p["conv1d.weight"], p["conv1d.bias"])).split([D, G * N, G * N], dim=-1)
+    delta = F.softplus(dt + p["dt_bias"]).repeat_interleave(P, dim=-1)  # head h → its P channels
+    A = layer.A.double().repeat_interleave(P)[:, None].expand(D, N)
+    B, C = (t.unflatten(-1, (G, N)).repeat_interleave(D // G, dim=2) for t in (B, C))  # (b, L, D, N)
+    y = recurrence(x, delta, A, B, C) + p["D"].repeat_interleave(P) * x
+    y = y * F.silu(z)
+    groups = y.unflatten(-1, (G, D // G))
+    y = (groups / groups.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).flatten(-2) * p["norm.weight"]
+    return y @ p["out_proj.weight"].T
+
+
+# ---------------------------------------------------------------------------------------------------
+# The blocks
+
+def test_mamba1_matches_reference(scan_path):
+    torch.manual_seed(0)
+    layer = Mamba1(16, d_state=8)
+    u = torch.randn(2, 37, 16)
+    assert rel_err(layer(u), mamba1_reference(layer, u)) < 1e-5
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_mamba2_matches_reference(scan_path, ngroups):
+    torch.manual_seed(0)
+    layer = Mamba2(16, d_state=8, headdim=8, ngroups=ngroups, chunk_size=16)
+    u = torch.randn(2, 37, 16)  # 37: not a multiple of the chunk
+    assert rel_err(layer(u), mamba2_reference(layer, u)) < 1e-5
+
+
+def test_mamba2_scan_equals_mamba1_scan_with_per_head_A(scan_path):
+    torch.manual_seed(0)
+    b, L, H, P, G, N = 2, 21, 4, 3, 2, 5
+    x, dt = torch.randn(b, L, H, P), torch.randn(b, L, H)
+    A, B, C, D, bias = -torch.rand(H) - 0.1, torch.randn(b, L, G, N), torch.randn(b, L, G, N), torch.randn(H), torch.randn(H)
+    y = mimetic.ssd_scan(x, dt, A, B, C, D, bias, chunk_size=8)
+    delta = F.softplus(dt + bias).transpose(1, 2).repeat_interleave(P, 1)  # (b, H·P, L)
+    y1 = mimetic.selective_scan_loop(x.permute(0, 2, 3, 1).reshape(b, H * P, L), delta,
+                                     A.repeat_interleave(P)[:, None].expand(H * P, N),
+                                     B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1))
+    expected = y1.view(b, H, P, L).permute(0, 3, 1, 2) + D[:, None] * x
+    assert rel_err(y, expected) < 1e-5
+
+
+def test_reference_parameter_names_and_shapes():
+    """The state-dict layout of mamba_ssm's Mamba (simple) and Mamba2 modules, so weights load both ways."""
+    m1 = Mamba1(32, d_state=16)  # d_inner 64, dt_rank 2
+    assert {k: tuple(v.shape) for k, v in m1.state_dict().items()} == {
+        "A_log": (64, 16), "D": (64,), "in_proj.weight": (128, 32), "conv1d.weight": (64, 1, 4),
+        "conv1d.bias": (64,), "x_proj.weight": (34, 64), "dt_proj.weight": (64, 2), "dt_proj.bias": (64,),
+        "out_proj.weight": (32, 64)}
+    m2 = Mamba2(32, d_state=16, headdim=16, ngroups=2)  # d_inner 64, 4 heads
+    assert {k: tuple(v.shape) for k, v in m2.state_dict().items()} == {
+        "dt_bias": (4,), "A_log": (4,), "D": (4,), "in_proj.weight": (2 * 64 + 2 * 2 * 16 + 4, 32),
+        "conv1d.weight": (128, 1, 4), "conv1d.bias": (128,), "norm.weight": (64,), "out_proj.weight": (32, 64)}
+    for layer in (m1, m2):  # round trip, default and mimetic (which adds its c)
+        fresh = type(layer)(32, d_state=16, **({} if layer is m1 else {"headdim": 16, "ngroups": 2}))
+        fresh.load_state_dict(layer.state_dict())
+        mimetic_init_(layer)
+        assert "mimetic_c" in layer.state_dict()
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(fresh.A, layer.A) and fresh.mimetic_c.item() == 8.0
+
+
+def test_default_init_values():
+    torch.manual_seed(0)
+    m1 = Mamba1(64, d_state=16, dt_min=1e-3, dt_max=0.1)
+    assert torch.equal(m1.A_log, torch.log(torch.arange(1, 17.0)).repeat(128, 1))
+    assert torch.allclose(m1.A, -torch.arange(1, 17.0).repeat(128, 1), rtol=1e-6)
+    assert torch.equal(m1.D, torch.ones(128))
+    dt = F.softplus(m1.dt_proj.bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    assert 0.005 < dt.log().mean().exp() < 0.02  # log-uniform: geometric mean √(1e-3 · 0.1) = 0.01
+    bound = m1.dt_rank ** -0.5
+    assert m1.dt_proj.weight.abs().max() <= bound and m1.dt_proj.weight.abs().max() > 0.8 * bound
+    m2 = Mamba2(128, headdim=16)  # 16 heads
+    assert (-m2.A).min() >= 1 and (-m2.A).max() <= 16 and torch.equal(m2.D, torch.ones(16))
+    assert F.softplus(m2.dt_bias).min() >= 1e-3 * (1 - 1e-5) and F.softplus(m2.dt_bias).max() <= 0.1 * (1 + 1e-5)
+
+
+def test_lm_init_keeps_the_blocks_special_init():
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=50, d_model=64, n_layers=4, pattern="MMAL"))
+    mixer = model.layers[0].mixer
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)  # not zeroed → softplus(0) = 0.69
+    assert torch.equal(mixer.A_log, torch.log(torch.arange(1, 17.0)).repeat(128, 1))
+    assert torch.equal(mixer.D, torch.ones(128))
+    assert abs(model.embedding.weight.std().item() - 0.02) < 0.002
+    assert model.lm_head.weight is model.embedding.weight
+    # out_proj: kaiming-uniform bound 1/√fan_in, scaled by 1/√n_layers
+    bound = 1 / math.sqrt(128) / math.sqrt(4)
+    assert 0.9 * bound < mixer.out_proj.weight.abs().max() <= bound
+
+
+def test_attention_baselines_are_their_matrices():
+    torch.manual_seed(0)
+    h = torch.randn(2, 12, 16)
+    attn = Attention(16, n_heads=2)
+    M = mimetic.attention_matrix(attn, h)
+    assert M.shape == (2, 2, 12, 12) and torch.allclose(M.sum(-1), torch.ones(2, 2, 12))
+    assert torch.equal(M.triu(1), torch.zeros_like(M))
+    v = h @ attn.qkv.weight[32:].T
+    y = (M @ v.view(2, 12, 2, 8).transpose(1, 2)).transpose(1, 2).flatten(2) @ attn.out_proj.weight.T
+    assert rel_err(attn(h), y) < 1e-5
+    lin = LinearAttention(16, head_dim=8)
+    q, k = (h @ w.T for w in lin.qk.weight.chunk(2))
+    M = mimetic.attention_matrix(lin, h)
+    assert torch.allclose(M[:, 0], (q @ k.transpose(1, 2)).tril() / math.sqrt(8), atol=1e-6)
+    assert rel_err(lin(h), (M[:, 0] @ (h @ lin.v.weight.T)) @ lin.out_proj.weight.T) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mimetic initialization (§3)
+
+def test_mimetic_A_makes_A_bar_near_one():
+    torch.manual_seed(0)
+    m1 = mimetic_init_(Mamba1(16, d_state=16), c=8.0)
+    A_bar = torch.exp(m1.A)  # with Δ = 1
+    assert A_bar[:, 1:].min() >= 0.99
+    assert torch.allclose(A_bar[:, 0], torch.full((32,), math.exp(-1)))  # A_log = log 1 = 0: A = −1 for any c
+    m2 = Mamba2(64, headdim=8)
+    A_init = -m2.A
+    mimetic_init_(m2)
+    assert torch.exp(m2.A)[A_init >= 2].min() >= 0.99  # −A = (−A_init)^(−c) ≤ 2^−8
+    assert torch.allclose(-m2.A, A_init ** -8.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [Mamba1, Mamba2])
+def test_mimetic_dt_is_one_on_any_input(cls):
+    torch.manual_seed(0)
+    layer = mimetic_init_(cls(16, d_state=8, **({"headdim": 8} if cls is Mamba2 else {})), A=False, bc=False)
+    delta = layer.ssm_params(torch.randn(3, 10, 16) * 10)[0]
+    assert torch.allclose(delta, torch.ones_like(delta), atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [Mamba1, Mamba2])
+def test_mimetic_bc_correlates_W_C_with_W_B(cls):
+    torch.manual_seed(0)
+    layer = cls(64, d_state=32, **({"headdim": 16, "ngroups": 2} if cls is Mamba2 else {}))
+
+    def correlations():
+        weight, _, Bs, Cs = mimetic._projection_rows(layer)
+        return [F.cosine_similarity(weight[b].flatten(), weight[c].flatten(), dim=0).item() for b, c in zip(Bs, Cs)]
+    assert all(abs(r) < 0.1 for r in correlations())
+    mimetic_init_(layer, A=False, dt=False, conv=False)
+    assert all(abs(r - 1 / math.sqrt(2)) < 0.05 for r in correlations())  # W_C = ½(W_C′ + W_B): 1/√2
+
+
+@pytest.mark.parametrize("cls", [Mamba1, Mamba2])
+def test_identity_conv_passes_input_through(cls):
+    layer = mimetic_init_(cls(16, d_state=8, **({"headdim": 8} if cls is Mamba2 else {})), conv=True)
+    x = torch.randn(2, layer.conv1d.in_channels, 9)
+    assert torch.equal(layer.conv1d(x)[..., :9], x)
+
+
+def test_conv_default_is_on_for_mamba2_off_for_mamba1():
+    torch.manual_seed(0)
+    m1, m2 = Mamba1(16), Mamba2(16, headdim=8)
+    w1 = m1.conv1d.weight.clone()
+    mimetic_init_(m1)
+    mimetic_init_(m2)
+    assert torch.equal(m1.conv1d.weight, w1)
+    assert m2.conv1d.weight[:, 0, -1].eq(1).all() and m2.conv1d.weight[:, 0, :-1].eq(0).all()
+
+
+def test_mimetic_layers_touches_only_those_blocks():
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=20, d_model=16, n_layers=4, pattern="MMAM"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mimetic_init_(model, layers=[1])
+    changed = {k.split(".")[1] for k, v in model.state_dict().items() if k not in before or not torch.equal(v, before[k])}
+    assert changed == {"1"}
+    assert model.layers[0].mixer.mimetic_c is None and model.layers[1].mixer.mimetic_c.item() == 8.0
+    with pytest.raises(ValueError, match=r"layers \[2\]"):
+        mimetic_init_(model, layers=[2])  # the attention layer
+
+
+def test_eq12_mamba1_becomes_causal_linear_attention_as_c_grows():
+    """At mimetic init, M restricted to n ≥ 2 → CausalMask(Xᵀ W_Cᵀ W_B X) (Eq. 12), error shrinking with c."""
+    torch.manual_seed(0)
+    base = Mamba1(16, d_state=8)
+    h = torch.randn(2, 16, 16)
+    errors = []
+    for c in (2.0, 4.0, 8.0):
+        layer = Mamba1(16, d_state=8)
+        layer.load_state_dict(base.state_dict())
+        mimetic_init_(layer, c=c)
+        delta, A, B, C = layer.ssm_params(h)
+        M = mimetic.ssm_matrix(delta, A[:, 1:], B[:, :, 1:], C[:, :, 1:])
+        linear = (C[:, 0, 1:].transpose(1, 2) @ B[:, 0, 1:]).tril()  # (b, L, L): C_iᵀ B_j, Δ = 1
+        errors.append(rel_err(M, linear[:, None].expand_as(M)))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1 - math.exp(-15 * 2 ** -8.0)  # the n = 2 mask at distance 15 bounds it
+
+
+@pytest.mark.parametrize("cls", [Mamba1, Mamba2])
+def test_attention_matrix_times_x_is_the_scan(cls):
+    torch.manual_seed(0)
+    layer = cls(16, d_state=8, **({"headdim": 8, "ngroups": 2} if cls is Mamba2 else {}))
+    h = torch.randn(2, 23, 16)
+    M = mimetic.attention_matrix(layer, h)
+    delta, A, B, C = layer.ssm_params(h)
+    if cls is Mamba1:
+        x = layer.ssm_inputs(h)[0]  # (b, D, L)
+        assert rel_err(torch.einsum("bdij,bdj->bdi", M, x), mimetic.selective_scan_loop(x, delta, A, B, C)) < 1e-5
+    else:
+        x = layer.ssm_inputs(h)[1]  # (b, L, H, P): every channel of a head shares its M
+        P = layer.headdim
+        y = mimetic.selective_scan_loop(x.permute(0, 2, 3, 1).flatten(1, 2), delta.repeat_interleave(P, 1),
+                                        A.repeat_interleave(P, 0), B, C)
+        assert rel_err(torch.einsum("bhij,bjhp->bihp", M, x), y.unflatten(1, (-1, P)).permute(0, 3, 1, 2)) < 1e-5
+
+
+def test_attention_matrix_is_stable_for_long_sequences():
+    torch.manual_seed(0)
+    layer = Mamba2(16, d_state=4, headdim=8)
+    with torch.no_grad():
+        layer.dt_bias.fill_(3.0)  # Δ ≈ 3, A up to −16: Σ ΔA over 2000 steps reaches −10⁵
+        M = mimetic.attention_matrix(layer, torch.randn(1, 2000, 16))
+        mask = mimetic.attention_mask(layer, torch.randn(1, 2000, 16))
+    assert torch.isfinite(M).all() and torch.isfinite(mask).all()
+    assert mask.max() <= 1 and torch.equal(mask.triu(1), torch.zeros_like(mask))
+
+
+def test_mimetic_mask_reaches_further_than_default():
+    torch.manual_seed(0)
+    h = torch.randn(1, 64, 32)
+    layer = Mamba1(32)
+    far = lambda mask: mask[0, -1, 0].item()  # how much of token 0 the last token still sees
+    default = far(mimetic.attention_mask(layer, h))
+    mimetic_init_(layer)
+    # Δ = 1 and A_n = −n⁻⁸: the mask over 63 steps is exp(−63 n⁻⁸), averaged over n = 1..16
+    expected = sum(math.exp(-63 * n ** -8.0) for n in range(1, 17)) / 16
+    assert default < 0.2 and abs(far(mimetic.attention_mask(layer, h)) - expected) < 1e-5 and expected > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input gets a clear error
+
+def test_bad_configs_and_inputs_raise():
+    with pytest.raises(ValueError, match="arch"):
+        ModelConfig(arch="mamba3")
+    with pytest.raises(ValueError, match="pattern"):
+        ModelConfig(n_layers=3, pattern="MMX")
+    with pytest.raises(ValueError, match="pattern"):
+        ModelConfig(n_layers=3, pattern="MM")
+    with pytest.raises(ValueError, match="d_model"):
+        ModelConfig(d_model=0)
+    with pytest.raises(ValueError, match="headdim"):
+        Mamba2(48, headdim=64)
+    with pytest.raises(ValueError, match="ngroups"):
+        Mamba2(32, headdim=16, ngroups=3)
+    with pytest.raises(ValueError, match="hidden_states"):
+        Mamba1(16)(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="input_ids"):
+        LM(ModelConfig(vocab_size=10, d_model=16, n_layers=1))(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="c must be positive"):
+        mimetic_init_(Mamba1(16), c=0)
+    with pytest.raises(TypeError, match="Attention"):
+        mimetic_init_(Attention(16))
+    with pytest.raises(TypeError, match="mask"):
+        mimetic.attention_mask(Attention(16), torch.randn(1, 4, 16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# mimetic.py is the file people copy: it must work alone
+
+def test_mimetic_py_alone_trains(tmp_path):
+    import shutil
+    shutil.copy(os.path.join(HERE, "mimetic.py"), tmp_path)
+    script = """
+import torch, mimetic
+assert mimetic.kernels is None
+torch.manual_seed(0)
+for arch in ("mamba1", "mamba2"):
+    model = mimetic.mimetic_init_(mimetic.LM(mimetic.ModelConfig(vocab_size=8, d_model=16, n_layers=2, arch=arch, headdim=8, d_state=8)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 8, (8, 12))
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
