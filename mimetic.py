@@ -511,3 +511,176 @@ def attention_mask(layer, hidden_states):
         raise TypeError(f"only Mamba layers have a mask ∏Ā, got {type(layer).__name__}")
     delta, A, _, _ = layer.ssm_params(hidden_states)
     return sum(segment_sum(delta * A[:, n, None]).exp().mean(1) for n in range(A.shape[1])) / A.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1)
+#
+# Every task is teacher-forced next-token prediction: targets[:, t] is the label for the prediction made
+# after reading inputs[:, :t+1], and -100 (cross_entropy's ignore_index) where there is nothing to predict.
+# Tokens 0..V-1 are content (V = vocab_size); the task's special tokens follow, with ids V, V+1, ...
+# Batches are built on the CPU from the given torch.Generator only, never from the global RNG, so a
+# seed fixes a batch. generator=None means torch.Generator(), a fixed default seed: the same batch on
+# every call, so pass your own generator when training.
+
+# task: (default number of content tokens V, names of the special tokens V, V+1, ...)
+_TASK_VOCAB = {
+    "copy": (26, ("SEP", "STOP")),
+    "stack": (26, ("SEP", "STOP")),
+    "mqar": (8192, ()),  # as in zoology: no separator, the key range tells keys from values
+    "sort": (512, ("SEP", "STOP")),
+    "selective_copy": (16, ("BLANK", "SEP")),
+    "induction": (16, ("TRIGGER",)),
+}
+TASKS = tuple(_TASK_VOCAB)
+SELECTIVE_COPY_TOKENS = 16  # tokens to memorize in selective copying (Mamba App. E.1)
+MQAR_POWER_A = 0.01  # zoology's power law a for where mqar queries fall (a = 1: uniform)
+EVAL_SEED = 2**31 - 1  # evaluate()'s default batches, apart from make_batch's default stream
+
+
+def _content_vocab(task, vocab_size):
+    if task not in _TASK_VOCAB:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    V = _TASK_VOCAB[task][0] if vocab_size is None else vocab_size
+    if V <= 0:
+        raise ValueError(f"vocab_size must be positive, got {V}")
+    return V
+
+
+def task_vocab_size(task, vocab_size=None):
+    """Embedding size an LM needs for `task`: its content tokens plus its special tokens."""
+    return _content_vocab(task, vocab_size) + len(_TASK_VOCAB[task][1])
+
+
+def _sample_distinct(batch_size, population, k, g):
+    """(batch_size, k) distinct ints from range(population) per row, in random order (top-k of noise)."""
+    return torch.rand(batch_size, population, generator=g).topk(k, dim=1).indices
+
+
+def _shift(seq, first_label):
+    """Teacher forcing: predict seq[t+1] from seq[:t+1], with labels from prediction `first_label` on."""
+    inputs, targets = seq[:, :-1], seq[:, 1:].clone()
+    targets[:, :first_label] = -100
+    return inputs, targets
+
+
+def _copy_like(task, B, n, V, g):
+    """copy / stack / sort, V=26 (SEP=26, STOP=27), length=3, string [7, 0, 19]:
+    copy   inputs [7, 0, 19, 26, 7, 0, 19]    targets [-100, -100, -100, 7, 0, 19, 27]
+    stack  inputs [7, 0, 19, 26, 19, 0, 7]    targets [-100, -100, -100, 19, 0, 7, 27]
+    sort   inputs [7, 0, 19, 26, 0, 7, 19]    targets [-100, -100, -100, 0, 7, 19, 27]
+    (sort defaults to V=512, SEP=512, STOP=513, and draws the string without replacement.)"""
+    if task == "sort":
+        if n > V:
+            raise ValueError(f"sort draws without replacement: length {n} > vocab_size {V}")
+        x = _sample_distinct(B, V, n, g)
+        y = x.sort(dim=1).values
+    else:
+        x = torch.randint(V, (B, n), generator=g)
+        y = x.flip(1) if task == "stack" else x
+    sep, stop = torch.full((B, 1), V), torch.full((B, 1), V + 1)
+    return _shift(torch.cat([x, sep, y, stop], dim=1), n)  # labels: the pasted string and STOP
+
+
+def _mqar(B, n, V, g):
+    """Multi-query associative recall (zoology's multiquery_ar), `length` = n key-value pairs.
+
+    Keys: distinct draws from [1, V/2) (zoology keeps 0 out of keys); values: distinct from [V/2, V).
+    The 2n-token context k_1 v_1 ... k_n v_n is followed by a 4n-token query region whose even offsets
+    are 2n slots; key i is queried at slot gap_i, the i-th of n draws without replacement with
+    p(slot s) ∝ (s+1)^(a−1): most queries come soon after the context, as repeated bigrams do in text.
+    The label at a query is the key's value. All other query-region tokens are uniform filler from
+    [0, V) (zoology's random_non_queries); a filler may repeat a key but carries no label.
+    V=8, length=2: keys [3, 1], values [6, 4], gaps [0, 2]:
+    inputs  [3, 6, 1, 4,     3, 5, 0, 7, 1, 2, 6, 2]
+    targets [-100] * 4 + [6, -100, -100, -100, 4, -100, -100, -100]"""
+    half = V // 2
+    if n > half - 1:
+        raise ValueError(f"mqar needs length <= vocab_size // 2 - 1 = {half - 1} distinct keys, got {n}")
+    keys = 1 + _sample_distinct(B, half - 1, n, g)
+    values = half + _sample_distinct(B, V - half, n, g)
+    context = torch.stack([keys, values], dim=2).view(B, 2 * n)
+    weights = torch.arange(1, 2 * n + 1, dtype=torch.float64) ** (MQAR_POWER_A - 1)
+    gaps = torch.multinomial(weights.expand(B, -1), n, replacement=False, generator=g)  # i-th draw: key i
+    queries = torch.randint(V, (B, 4 * n), generator=g).scatter_(1, 2 * gaps, keys)
+    targets = torch.full((B, 6 * n), -100).scatter_(1, 2 * n + 2 * gaps, values)
+    return torch.cat([context, queries], dim=1), targets
+
+
+def _selective_copy(B, L, V, g):
+    """Selective copying (Mamba §4.1.1): 16 tokens at random positions of an L-token BLANK region,
+    then SEP, then those tokens in order. Random spacing defeats a fixed-lag convolution.
+    V=16 (BLANK=16, SEP=17), length=17, tokens [3, 3, 9, 0, 12, 5, 5, 1, 15, 7, 2, 2, 8, 10, 4, 6]:
+    inputs  [3, 3, 9, 16, 0, 12, 5, 5, 1, 15, 7, 2, 2, 8, 10, 4, 6,   17, 3, 3, 9, 0, ..., 10, 4]
+    targets [-100] * 17 + [3, 3, 9, 0, 12, 5, 5, 1, 15, 7, 2, 2, 8, 10, 4, 6]"""
+    k = SELECTIVE_COPY_TOKENS
+    if L < k:
+        raise ValueError(f"selective_copy needs length >= {k} (the number of tokens to copy), got {L}")
+    tokens = torch.randint(V, (B, k), generator=g)
+    where = _sample_distinct(B, L, k, g).sort(dim=1).values  # sorted: the tokens keep their order
+    region = torch.full((B, L), V).scatter_(1, where, tokens)
+    return _shift(torch.cat([region, torch.full((B, 1), V + 1), tokens], dim=1), L)
+
+
+def _induction(B, L, V, g):
+    """Induction heads (Mamba §4.1.2): after TRIGGER comes the answer; recall it at the final TRIGGER.
+    V=16 (TRIGGER=16), length=6, trigger at 1:
+    inputs  [5, 16, 9, 2, 11, 16]
+    targets [-100, -100, -100, -100, -100, 9]"""
+    if L < 4:  # the first trigger then has at least two possible positions
+        raise ValueError(f"induction needs length >= 4, got {L}")
+    inputs = torch.randint(V, (B, L), generator=g)
+    p = torch.randint(L - 2, (B, 1), generator=g)  # trigger in [0, L-3]; its answer is before the end
+    inputs.scatter_(1, p, V)
+    inputs[:, -1] = V
+    targets = torch.full((B, L), -100)
+    targets[:, -1] = inputs.gather(1, p + 1).squeeze(1)
+    return inputs, targets
+
+
+def make_batch(task, batch_size, length, *, vocab_size=None, generator=None):
+    """(inputs, targets): LongTensors (batch_size, T) on the CPU, targets -100 where there is no loss.
+
+    length: string length (copy, stack, sort), key-value pairs (mqar: T = 6·length), region length
+    (selective_copy: T = length + 16) or sequence length (induction: T = length)."""
+    V = _content_vocab(task, vocab_size)
+    for name, value in (("batch_size", batch_size), ("length", length)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    g = torch.Generator() if generator is None else generator
+    if task in ("copy", "stack", "sort"):
+        return _copy_like(task, batch_size, length, V, g)
+    build = {"mqar": _mqar, "selective_copy": _selective_copy, "induction": _induction}[task]
+    return build(batch_size, length, V, g)
+
+
+def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,
+             device=None):
+    """Token accuracy over labeled positions and exact match (every labeled token right) of argmax.
+
+    Teacher-forced exact match equals greedy-decoding exact match: if every labeled token is right under
+    teacher forcing, greedy decoding feeds itself the same prefix at every step and so reproduces it;
+    conversely, at the first wrong greedy token the prefix was still correct, so teacher forcing errs
+    there too. generator=None evaluates on fixed held-out batches (seed EVAL_SEED, not make_batch's
+    default); device defaults to that of the model's first parameter. Runs under no_grad in eval mode, then restores the training mode."""
+    if n_batches <= 0:
+        raise ValueError(f"n_batches must be positive, got {n_batches}")
+    g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    correct = labeled = exact = 0
+    try:
+        with torch.no_grad():
+            for _ in range(n_batches):
+                inputs, targets = make_batch(task, batch_size, length, vocab_size=vocab_size, generator=g)
+                targets = targets.to(device)
+                mask = targets != -100
+                right = (model(inputs.to(device)).argmax(-1) == targets) & mask
+                correct += right.sum().item()
+                labeled += mask.sum().item()
+                exact += (right.sum(1) == mask.sum(1)).sum().item()
+    finally:
+        model.train(was_training)
+    return dict(token_acc=correct / labeled, exact_match=exact / (batch_size * n_batches))

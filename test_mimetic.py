@@ -6,10 +6,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import mimetic
-from mimetic import LM, Attention, LinearAttention, Mamba1, Mamba2, ModelConfig, mimetic_init_
+from mimetic import (LM, SELECTIVE_COPY_TOKENS, TASKS, Attention, LinearAttention, Mamba1, Mamba2, ModelConfig,
+                     evaluate, make_batch, mimetic_init_, task_vocab_size)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -296,6 +298,218 @@ def test_mimetic_mask_reaches_further_than_default():
     # Δ = 1 and A_n = −n⁻⁸: the mask over 63 steps is exp(−63 n⁻⁸), averaged over n = 1..16
     expected = sum(math.exp(-63 * n ** -8.0) for n in range(1, 17)) / 16
     assert default < 0.2 and abs(far(mimetic.attention_mask(layer, h)) - expected) < 1e-5 and expected > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic tasks and evaluate
+
+LENGTHS = {"copy": 12, "stack": 12, "mqar": 16, "sort": 40, "selective_copy": 40, "induction": 30}
+
+
+def batch(task, batch_size=32, length=None, seed=0, **kw):
+    length = LENGTHS[task] if length is None else length
+    return make_batch(task, batch_size, length, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_task_names_and_vocab_sizes():
+    assert TASKS == ("copy", "stack", "mqar", "sort", "selective_copy", "induction")
+    assert [task_vocab_size(t) for t in TASKS] == [28, 28, 8192, 514, 18, 17]
+    assert task_vocab_size("copy", vocab_size=100) == 102
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shapes_dtypes_and_vocab_covers_tokens(task):
+    n, B = LENGTHS[task], 8
+    T = {"copy": 2 * n + 1, "stack": 2 * n + 1, "sort": 2 * n + 1, "mqar": 6 * n,
+         "selective_copy": n + SELECTIVE_COPY_TOKENS, "induction": n}[task]
+    for vocab_size in (None, 64):
+        inputs, targets = batch(task, B, vocab_size=vocab_size)
+        assert inputs.shape == targets.shape == (B, T)
+        assert inputs.dtype == targets.dtype == torch.long
+        assert inputs.device.type == "cpu"
+        assert inputs.min() >= 0 and (targets[targets != -100] >= 0).all()
+        top = max(inputs.max().item(), targets.max().item())
+        assert top + 1 <= task_vocab_size(task, vocab_size)
+
+
+@pytest.mark.parametrize("task", ["copy", "stack", "sort"])
+def test_copy_stack_sort_labels(task):
+    n = LENGTHS[task]
+    V = {"copy": 26, "stack": 26, "sort": 512}[task]
+    inputs, targets = batch(task)
+    string = inputs[:, :n]
+    assert (inputs[:, n] == V).all()  # SEP
+    assert (targets[:, :n] == -100).all()
+    labels = targets[:, n:]
+    assert labels.shape[1] == n + 1 and (labels[:, -1] == V + 1).all()  # STOP ends every label run
+    expected = {"copy": string, "stack": string.flip(1), "sort": string.sort(1).values}[task]
+    assert torch.equal(labels[:, :-1], expected)
+    assert torch.equal(inputs[:, n + 1:], labels[:, :-1])  # teacher forcing: next input = previous label
+    assert string.max() < V
+    if task == "sort":
+        assert all(len(set(row.tolist())) == n for row in string)  # no repeats
+        assert (labels[:, 1:-1] > labels[:, :-2]).all()
+
+
+def test_sort_can_use_the_whole_vocabulary():
+    inputs, targets = make_batch("sort", 4, 10, vocab_size=10, generator=torch.Generator().manual_seed(1))
+    assert (targets[:, 10:20] == torch.arange(10)).all()
+
+
+def test_mqar_layout():
+    n, V, B = 16, 8192, 64
+    inputs, targets = batch("mqar", B, n)
+    keys, values = inputs[:, 0:2 * n:2], inputs[:, 1:2 * n:2]
+    assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+    assert (targets[:, :2 * n] == -100).all()
+    assert ((targets != -100).sum(1) == n).all()
+    for b in range(B):
+        assert len(set(keys[b].tolist())) == n and len(set(values[b].tolist())) == n
+        pairs = dict(zip(keys[b].tolist(), values[b].tolist()))
+        where = (targets[b] != -100).nonzero().squeeze(1)
+        assert ((where - 2 * n) % 2 == 0).all()  # queries sit at even offsets of the query region
+        queried = inputs[b, where].tolist()
+        assert sorted(queried) == sorted(pairs)  # every key queried exactly once
+        assert targets[b, where].tolist() == [pairs[k] for k in queried]
+
+
+def test_mqar_key_and_value_ranges_at_the_smallest_vocabulary():
+    inputs, targets = make_batch("mqar", 16, 3, vocab_size=8, generator=torch.Generator().manual_seed(0))
+    assert inputs.shape == (16, 18)
+    assert (inputs[:, 0:6:2].sort(1).values == torch.tensor([1, 2, 3])).all()  # keys: all of [1, 4)
+    assert ((inputs[:, 1:6:2] >= 4) & (inputs[:, 1:6:2] < 8)).all()  # values: [4, 8)
+    assert (inputs[:, 6:] < 8).all() and inputs[:, 6:].unique().numel() == 8  # fillers span [0, 8)
+
+
+def test_mqar_queries_follow_a_power_law():
+    n = 16
+    inputs, targets = batch("mqar", 512, n)
+    offset = ((targets != -100).nonzero()[:, 1] - 2 * n) // 2  # slot in 0..2n-1
+    # p(slot) ∝ (slot + 1)^-0.99: the first half of the slots gets far more than half of the queries
+    assert (offset < n).float().mean() > 0.6
+    assert offset.max() < 2 * n
+
+
+def test_selective_copy():
+    L, V, k = 40, 16, SELECTIVE_COPY_TOKENS
+    inputs, targets = batch("selective_copy", length=L)
+    region = inputs[:, :L]
+    assert ((region != V).sum(1) == k).all()  # exactly 16 non-BLANK tokens
+    assert (inputs[:, L] == V + 1).all()  # SEP
+    assert (targets[:, :L] == -100).all()
+    content = region[region != V].view(-1, k)  # row-major: the region's tokens in order
+    assert torch.equal(targets[:, L:], content)
+    assert torch.equal(inputs[:, L + 1:], content[:, :-1])
+    assert make_batch("selective_copy", 2, k)[0][:, :k].ne(V).all()  # length 16: no blanks at all
+
+
+def test_induction():
+    L, V = 30, 16
+    inputs, targets = batch("induction", 256, L)
+    assert ((inputs == V).sum(1) == 2).all() and (inputs[:, -1] == V).all()
+    first = (inputs == V).int().argmax(1)
+    assert (first <= L - 3).all() and first.unique().numel() > 20  # spread over [0, L-3]
+    assert (targets[:, :-1] == -100).all()
+    assert torch.equal(targets[:, -1], inputs[torch.arange(256), first + 1])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_determinism_and_global_rng_untouched(task):
+    state = torch.random.get_rng_state()
+    a, b, c = batch(task, seed=3), batch(task, seed=3), batch(task, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert torch.equal(make_batch(task, 4, LENGTHS[task])[0], make_batch(task, 4, LENGTHS[task])[0])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("task, kwargs, name", [
+    ("cpy", dict(batch_size=2, length=4), "cpy"),
+    ("copy", dict(batch_size=0, length=4), "batch_size"),
+    ("mqar", dict(batch_size=-1, length=4), "batch_size"),
+    ("copy", dict(batch_size=2, length=0), "length"),
+    ("induction", dict(batch_size=2, length=-3), "length"),
+    ("copy", dict(batch_size=2, length=4, vocab_size=0), "vocab_size"),
+    ("sort", dict(batch_size=2, length=513), "sort"),
+    ("sort", dict(batch_size=2, length=11, vocab_size=10), "vocab_size"),
+    ("mqar", dict(batch_size=2, length=4, vocab_size=8), "mqar"),
+    ("selective_copy", dict(batch_size=2, length=15), "selective_copy"),
+    ("induction", dict(batch_size=2, length=3), "induction"),
+])
+def test_bad_inputs_raise(task, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_batch(task, **kwargs)
+
+
+def test_unknown_task_lists_valid_ones():
+    for call in (lambda: task_vocab_size("nope"), lambda: evaluate(nn.Linear(1, 1), "nope", 4)):
+        with pytest.raises(ValueError, match="nope") as err:
+            call()
+        assert all(t in str(err.value) for t in TASKS)
+
+
+class Oracle(nn.Module):
+    """Looks up the targets of each input row (collected from the same seeded batches)."""
+
+    def __init__(self, answers, vocab):
+        super().__init__()
+        self.answers, self.vocab = answers, vocab
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, inputs):
+        targets = torch.stack([self.answers[tuple(row.tolist())] for row in inputs]).clamp(min=0)
+        return nn.functional.one_hot(targets, self.vocab).float() * self.scale
+
+
+class Constant(nn.Module):
+    def __init__(self, token, vocab):
+        super().__init__()
+        self.token, self.vocab = token, vocab
+
+    def forward(self, inputs):
+        return nn.functional.one_hot(torch.full_like(inputs, self.token), self.vocab).float()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluate_oracle_is_perfect(task):
+    n, g = LENGTHS[task], torch.Generator().manual_seed(5)
+    answers = {}
+    for _ in range(3):
+        inputs, targets = make_batch(task, 8, n, generator=g)
+        answers.update({tuple(i.tolist()): t for i, t in zip(inputs, targets)})
+    model = Oracle(answers, task_vocab_size(task)).train()
+    result = evaluate(model, task, n, batch_size=8, n_batches=3, generator=torch.Generator().manual_seed(5))
+    assert result == dict(token_acc=1.0, exact_match=1.0)
+    assert model.training  # training mode restored
+
+
+def test_evaluate_constant_model():
+    # predicting STOP everywhere gets exactly the one STOP label of each copy sequence right
+    n = 9
+    model = Constant(27, task_vocab_size("copy")).eval()
+    assert evaluate(model, "copy", n) == dict(token_acc=1 / (n + 1), exact_match=0.0)
+    assert not model.training
+    # induction has one label per sequence: a constant guess is right exactly when it equals the answer
+    g = torch.Generator().manual_seed(2)
+    answers = torch.cat([make_batch("induction", 64, 20, generator=g)[1][:, -1] for _ in range(4)])
+    hit = (answers == 3).float().mean().item()
+    result = evaluate(Constant(3, 17), "induction", 20, generator=torch.Generator().manual_seed(2))
+    assert result["token_acc"] == pytest.approx(hit) and result["exact_match"] == pytest.approx(hit)
+    assert 0.0 < hit < 0.15
+
+
+def test_evaluate_runs_under_no_grad_in_eval_mode():
+    seen = []
+
+    class Spy(Constant):
+        def forward(self, inputs):
+            seen.append((self.training, torch.is_grad_enabled()))
+            return super().forward(inputs)
+
+    model = Spy(0, 28).train()
+    evaluate(model, "copy", 5, n_batches=2)
+    assert seen == [(False, False)] * 2 and model.training
 
 
 # ---------------------------------------------------------------------------------------------------
