@@ -1,0 +1,680 @@
+"""Selective-scan kernels for Mamba (S6) and Mamba2 (SSD) layers.
+
+Two entry points, both differentiable in every tensor argument:
+
+    selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, *, backend)
+        Mamba1 scan, same arguments and meaning as mamba_ssm's `selective_scan_fn`.
+    ssd_scan(x, dt, A, B, C, D, *, dt_bias, dt_softplus, chunk_size, return_last_state, backend)
+        Mamba2 scan (one scalar decay rate per head), computed in chunked matmul ("SSD") form.
+
+Backends of selective_scan:
+    "ref"    the specification: a plain loop over time, differentiated by autograd (slow).
+    "torch"  chunked, vectorized PyTorch with a hand-written backward; runs anywhere.
+    "triton" Triton forward and backward kernels (CUDA tensors, or CPU with TRITON_INTERPRET=1).
+    None     "triton" for CUDA tensors when triton is importable, else "torch".
+
+Glossary (shapes in comments use these letters):
+    b        batch size
+    D, dim   channels (Mamba1); also the skip weight D of shape (dim,)
+    L        sequence length;  t indexes time
+    N        state size per channel
+    G        number of B/C groups; channel d uses group d // R, where R = dim // G
+    u        input (b, D, L);  z: gate (b, D, L), output is y * SiLU(z)
+    delta    raw step size (b, D, L);  Δ = softplus(delta + delta_bias) or delta + delta_bias
+    A        decay rates (D, N), negative;  a_t = exp(Δ_t A) is the per-step decay
+    B, C     input and output projections (b, G, N, L)
+    h        state (b, D, N):  h_t = a_t h_{t-1} + Δ_t u_t B_t,  y_t = C_t · h_t + D u_t
+    g        adjoint dLoss/dh_t, run backwards: g_t = dy_t C_t + a_{t+1} g_{t+1}
+    chunk    a block of T consecutive time steps; backward passes recompute states per chunk
+             from the state stored at each chunk start instead of storing (b, D, N, L)
+    SSD      Mamba2 layout: x (b, L, H, P) with H heads of P channels, A (H,), B, C (b, L, G, N)
+
+All math runs in fp32 (fp64 when the inputs are fp64, for gradcheck), also inside torch.autocast
+regions; outputs take u's (x's) dtype, last states are returned in the math dtype.
+
+`python kernels.py --bench [--device cpu]` prints the timing table (see _bench).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+try:  # kernels.py must import without triton; only the "triton" backend needs it
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BACKENDS = ("triton", "torch", "ref")
+TORCH_CHUNK = 64  # most time steps per chunk in the PyTorch backend
+TORCH_CHUNK_ELEMS = 1 << 24  # cap on b*D*N*T, the size of each per-chunk temporary (GPU)
+TORCH_CHUNK_ELEMS_CPU = 1 << 19  # the same on CPU, small enough to stay in cache
+SEQUENTIAL_MIN = 1 << 10  # b*D*N at which the PyTorch backend scans a chunk step by step
+TRITON_CHUNK = 16  # time steps between stored states; the backward keeps one chunk of states
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(name, t, layout, shape, like, same_dtype):
+    """ValueError naming `name` unless t has `shape` and lives on like's device with an allowed dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of shape {layout} = {tuple(shape)}, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the inputs are on {like.device}")
+    allowed = (like.dtype,) if same_dtype else (like.dtype, torch.float32)
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
+
+
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
+    if not isinstance(u, torch.Tensor) or u.dim() != 3:
+        raise ValueError(f"u must have shape (batch, dim, L), got {getattr(u, 'shape', type(u).__name__)}")
+    if u.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"u must be fp16, bf16, fp32 or fp64, got {u.dtype}")
+    batch, dim, L = u.shape
+    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must have shape (dim, N) = ({dim}, N), got {getattr(A, 'shape', type(A).__name__)}")
+    if A.is_complex():
+        raise ValueError("A must be real; complex A is not supported")
+    N = A.shape[1]
+    if not isinstance(B, torch.Tensor) or B.dim() not in (3, 4):
+        raise ValueError(f"B must have shape (batch, N, L) or (batch, G, N, L), got {getattr(B, 'shape', None)}")
+    G = 1 if B.dim() == 3 else B.shape[1]
+    if G < 1 or dim % G:
+        raise ValueError(f"B has G={G} groups but dim={dim} is not divisible by G")
+    bc_layout, bc_shape = ("(batch, N, L)", (batch, N, L)) if B.dim() == 3 else ("(batch, G, N, L)", (batch, G, N, L))
+    _check("delta", delta, "(batch, dim, L)", (batch, dim, L), u, True)
+    _check("A", A, "(dim, N)", (dim, N), u, False)
+    _check("B", B, bc_layout, bc_shape, u, False)
+    _check("C", C, bc_layout, bc_shape, u, False)
+    if z is not None:
+        _check("z", z, "(batch, dim, L)", (batch, dim, L), u, True)
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            _check(name, t, "(dim,)", (dim,), u, False)
+
+
+def _pick_backend(backend, device, default_triton):
+    if backend is None:
+        backend = "triton" if default_triton and triton is not None and device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable; use 'torch'")
+        if device.type != "cuda" and not _INTERPRETED:
+            raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing")
+    return backend
+
+
+def _delta(delta, delta_bias, softplus):
+    """Δ from the raw step size: (b, D, L) -> (b, D, L)."""
+    dl = delta if delta_bias is None else delta + delta_bias[:, None]
+    return F.softplus(dl) if softplus else dl
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The specification: one time step per iteration, differentiated by autograd. No input checks."""
+    f = _math_dtype(u.dtype)
+    dl = _delta(delta.to(f), None if delta_bias is None else delta_bias.to(f), delta_softplus)  # (b, D, L)
+    u_, A_ = u.to(f), A.to(f)
+    if B.dim() == 3:  # one group
+        B, C = B[:, None], C[:, None]  # (b, 1, N, L)
+    R = u.shape[1] // B.shape[1]
+    B_, C_ = (X.to(f).repeat_interleave(R, dim=1) for X in (B, C))  # (b, D, N, L): channel d uses group d // R
+    h = u_.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, D, N)
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(dl[:, :, t, None] * A_) * h + (dl[:, :, t] * u_[:, :, t])[:, :, None] * B_[..., t]
+        ys.append((h * C_[..., t]).sum(-1))  # (b, D)
+    y = torch.stack(ys, dim=-1)  # (b, D, L)
+    if D is not None:
+        y = y + D.to(f)[:, None] * u_
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    return (y.to(u.dtype), h) if return_last_state else y.to(u.dtype)
+
+
+# ----------------------------------------------------------------------------- PyTorch backend
+# Internally time comes first, (L, b, G, R) and (L, b, G, N), so a chunk and each step in it are
+# contiguous blocks of memory.
+
+
+def _linear_scan(a, b, reverse=False):
+    """All h_t = a_t h_{t-1} + b_t along dim 0 (h_{-1} = 0), or h_t = a_t h_{t+1} + b_t if reverse.
+
+    Small steps use Hillis-Steele doubling: log2(T) vectorized steps instead of T tiny ones, and it only
+    multiplies decays (never divides by them), so it cannot overflow. Steps of SEQUENTIAL_MIN elements
+    or more amortize Python's per-op cost, so a plain loop, which does the least work, wins there.
+    Overwrites b and returns it.
+    """
+    T = a.shape[0]
+    if b[0].numel() >= SEQUENTIAL_MIN:
+        for t in (range(T - 2, -1, -1) if reverse else range(1, T)):
+            b[t].addcmul_(a[t], b[t + 1 if reverse else t - 1])
+        return b
+    a, k = a.clone(), 1
+    while k < T:
+        if reverse:  # fold in the segment k steps later
+            b[:-k] += a[:-k] * b[k:]
+            if 2 * k < T:
+                a[:-k] = a[:-k] * a[k:]
+        else:  # fold in the segment k steps earlier
+            b[k:] += a[k:] * b[:-k]
+            if 2 * k < T:
+                a[k:] = a[k:] * a[:-k]
+        k *= 2
+    return b
+
+
+def _chunk_states(dl, u, A, B, h0):
+    """Decays a and states h of one chunk, both (T, b, G, R, N), given the state h0 (b, G, R, N) before it.
+
+    dl, u: (T, b, G, R); A: (G, R, N); B: (T, b, G, N).
+    """
+    a = torch.exp(dl[..., None] * A)  # (T, b, G, R, N)
+    x = (dl * u)[..., None] * B[:, :, :, None, :]  # (T, b, G, R, N): Δ_t u_t B_t
+    x[0] += a[0] * h0
+    return a, _linear_scan(a, x)
+
+
+def _torch_chunk_len(u, N):
+    """Cache-sized chunks on CPU, memory-sized on GPU (where every chunk costs kernel launches)."""
+    budget = TORCH_CHUNK_ELEMS if u.is_cuda else TORCH_CHUNK_ELEMS_CPU
+    return max(1, min(TORCH_CHUNK, budget // u[..., 0].numel() // N))
+
+
+class _SelectiveScanTorch(torch.autograd.Function):
+    """Chunked PyTorch scan. Inputs are in the math dtype, B and C grouped (b, G, N, L).
+
+    Only the state at each chunk start is saved; backward recomputes a chunk's states from it,
+    then runs the adjoint g backwards through the chunk with the same scan.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        ctx.set_materialize_grads(False)
+        (b, dim, L), (G, N) = u.shape, B.shape[1:3]
+        R, T = dim // G, _torch_chunk_len(u, N)
+        tf = lambda t: t.view(b, G, -1, L).permute(3, 0, 1, 2).contiguous()  # (b, D or N, L) -> (L, b, G, R or N)
+        dl, uf, Bf, Cf = tf(_delta(delta, delta_bias, softplus)), tf(u), tf(B), tf(C)
+        A3 = A.view(G, R, N)
+        h = u.new_zeros(b, G, R, N)
+        ys, starts = [], []
+        for s in range(0, L, T):
+            starts.append(h)
+            _, hs = _chunk_states(dl[s:s + T], uf[s:s + T], A3, Bf[s:s + T], h)
+            ys.append((hs @ Cf[s:s + T, ..., None]).squeeze(-1))  # (T, b, G, R): C_t . h_t
+            h = hs[-1].clone()  # clone: a view would keep the whole chunk alive
+        y = torch.cat(ys).permute(1, 2, 3, 0).reshape(b, dim, L)
+        if D is not None:
+            y = y + D[:, None] * u
+        out = y if z is None else y * F.silu(z)
+        ctx.T, ctx.softplus = T, softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(starts))
+        return out, h.view(b, dim, N)
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        (b, dim, L), (G, N), T = u.shape, B.shape[1:3], ctx.T
+        R = dim // G
+        tf = lambda t: t.view(b, G, -1, L).permute(3, 0, 1, 2).contiguous()  # -> (L, b, G, R or N)
+        back = lambda parts, X: torch.cat(parts[::-1]).permute(1, 2, 3, 0).reshape(b, X, L)  # inverse of tf
+        dout = torch.zeros_like(u) if dout is None else dout
+        dl, uf, Bf, Cf = tf(_delta(delta, delta_bias, ctx.softplus)), tf(u), tf(B), tf(C)
+        dyf = tf(dout if z is None else dout * F.silu(z))  # dLoss/dy before the gate
+        zf, doutf = (None, None) if z is None else (tf(z), tf(dout))
+        A3 = A.view(G, R, N)
+        D3 = torch.zeros_like(A3[..., 0]) if D is None else D.view(G, R)
+        carry = torch.zeros_like(starts[0]) if dlast is None else dlast.reshape(b, G, R, N)  # a_e g_e
+        dA = torch.zeros_like(A3)
+        du, ddl, dz, dB, dC = [], [], [], [], []
+        for ci in reversed(range(starts.shape[0])):
+            sl = slice(ci * T, (ci + 1) * T)
+            dlc, uc, Bc, Cc, dy, h0 = dl[sl], uf[sl], Bf[sl], Cf[sl], dyf[sl], starts[ci]
+            a, hs = _chunk_states(dlc, uc, A3, Bc, h0)  # (T, b, G, R, N) each
+            if z is not None:  # out = y * silu(z): dz needs y, which needs this chunk's states
+                y = (hs @ Cc[..., None]).squeeze(-1) + D3 * uc
+                sz = torch.sigmoid(zf[sl])
+                dz.append(doutf[sl] * y * sz * (1 + zf[sl] * (1 - sz)))
+            # adjoint g_t = dy_t C_t + a_{t+1} g_{t+1}; later chunks enter through `carry` at the last step
+            c = dy[..., None] * Cc[:, :, :, None, :]  # (T, b, G, R, N)
+            c[-1] += carry
+            g = _linear_scan(torch.cat([a[1:], torch.ones_like(a[:1])]), c, reverse=True)  # uses a_{t+1}
+            carry = a[0] * g[0]
+            h_prev = torch.cat([h0[None], hs[:-1]])  # h_{t-1}
+            dlog_a = g * h_prev * a  # dLoss/d(Δ_t A), (T, b, G, R, N)
+            gB = (g @ Bc[..., None]).squeeze(-1)  # (T, b, G, R): g_t . B_t
+            ddl.append((dlog_a * A3).sum(-1) + gB * uc)
+            du.append(gB * dlc + dy * D3)
+            dB.append(((dlc * uc)[..., None, :] @ g).squeeze(-2))  # (T, b, G, N): sum over the group's channels
+            dC.append((dy[..., None, :] @ hs).squeeze(-2))
+            dA += (dlog_a * dlc[..., None]).sum((0, 1))
+        ddelta = back(ddl, dim)
+        if ctx.softplus:
+            ddelta = ddelta * torch.sigmoid(delta if delta_bias is None else delta + delta_bias[:, None])
+        dD = None if D is None else (dyf * uf).sum((0, 1)).view(dim)
+        dbias = None if delta_bias is None else ddelta.sum((0, 2))
+        return (back(du, dim), ddelta, dA.view(dim, N), back(dB, G * N).view(b, G, N, L),
+                back(dC, G * N).view(b, G, N, L), dD, None if z is None else back(dz, dim), dbias, None)
+
+
+# ----------------------------------------------------------------------------- Triton backend
+
+if triton is not None:
+    _INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+    @triton.jit
+    def _program_block(A_ptr, D_ptr, bias_ptr, L, DIM, N, R, G, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Offsets and per-channel parameters of this program: one batch row x BLOCK_D channels of one group."""
+        pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)  # N padded to a power of two; padded lanes have A = B = C = 0, so h = 0
+        mask = (offs_d[:, None] < DIM) & (offs_n[None, :] < N)  # (BLOCK_D, BLOCK_N)
+        dn = offs_d[:, None] * N + offs_n[None, :]  # offsets into (D, N) tensors
+        A = tl.load(A_ptr + dn, mask=mask, other=0.0).to(tl.float32)
+        row = pid_b * DIM * L + offs_d * L  # (BLOCK_D,) start of each channel's sequence in (b, D, L)
+        bc = (pid_b * G + (pid_d * BLOCK_D) // R) * N * L + offs_n * L  # (BLOCK_N,) rows of B and C
+        Dv = tl.zeros([BLOCK_D], tl.float32) if D_ptr is None else tl.load(D_ptr + offs_d).to(tl.float32)
+        bias = tl.zeros([BLOCK_D], tl.float32) if bias_ptr is None else tl.load(bias_ptr + offs_d).to(tl.float32)
+        return pid_b, pid_d, offs_d, offs_n, mask, dn, A, row, bc, Dv, bias
+
+    @triton.jit
+    def _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, n_ok, SOFTPLUS: tl.constexpr):
+        """delta_t + bias, Δ_t, u_t (BLOCK_D,) and B_t (BLOCK_N,) in fp32."""
+        raw = tl.load(delta_ptr + row + t).to(tl.float32) + bias
+        dl = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw) if SOFTPLUS else raw  # softplus as in torch
+        u = tl.load(u_ptr + row + t).to(tl.float32)
+        return raw, dl, u, tl.load(B_ptr + bc + t, mask=n_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
+                         starts_ptr, L, DIM, N, R, G, n_chunks, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Sequential over time; the state (BLOCK_D, BLOCK_N) lives in registers."""
+        pid_b, pid_d, offs_d, offs_n, mask, dn, A, row, bc, Dv, bias = _program_block(
+            A_ptr, D_ptr, bias_ptr, L, DIM, N, R, G, BLOCK_D, BLOCK_N)
+        h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        for c in range(0, n_chunks):
+            if starts_ptr is not None:  # the backward restarts each chunk from here
+                tl.store(starts_ptr + (pid_b * n_chunks + c) * DIM * N + dn, h, mask=mask)
+            for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
+                _, dl, u, Bt = _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, offs_n < N, SOFTPLUS)
+                Ct = tl.load(C_ptr + bc + t, mask=offs_n < N, other=0.0).to(tl.float32)
+                h = tl.exp(dl[:, None] * A) * h + (dl * u)[:, None] * Bt[None, :]
+                y = tl.sum(h * Ct[None, :], 1) + Dv * u
+                if z_ptr is not None:
+                    zt = tl.load(z_ptr + row + t).to(tl.float32)
+                    y = y * zt * tl.sigmoid(zt)
+                tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty))
+        tl.store(last_ptr + pid_b * DIM * N + dn, h, mask=mask)
+
+    @triton.jit
+    def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr,
+                         starts_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
+                         dbias_ptr, L, DIM, N, R, G, n_chunks, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Chunks in reverse; per chunk: recompute states into scratch, then step backwards through time.
+
+        dA, dD, dbias are written per batch row and dB, dC per channel block (summed on the host):
+        no atomics, so the result is deterministic.
+        """
+        pid_b, pid_d, offs_d, offs_n, mask, dn, A, row, bc, Dv, bias = _program_block(
+            A_ptr, D_ptr, bias_ptr, L, DIM, N, R, G, BLOCK_D, BLOCK_N)
+        n_dblk = DIM // BLOCK_D
+        part = (pid_b * n_dblk + pid_d) * N * L + offs_n * L  # (BLOCK_N,) this block's rows of dB, dC
+        # scratch slot k holds h_{s-1+k} for the current chunk [s, e); one (BLOCK_D, BLOCK_N) tile per slot
+        tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
+        scratch = scratch_ptr + (pid_b * n_dblk + pid_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N + tile
+        g = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)  # a_{t+1} g_{t+1}: what later steps send back to h_t
+        if dlast_ptr is not None:
+            g = tl.load(dlast_ptr + pid_b * DIM * N + dn, mask=mask, other=0.0)
+        dA = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        dD = tl.zeros([BLOCK_D], tl.float32)
+        dbias = tl.zeros([BLOCK_D], tl.float32)
+        for ci in range(0, n_chunks):
+            s = (n_chunks - 1 - ci) * CHUNK
+            e = tl.minimum(s + CHUNK, L)
+            h = tl.load(starts_ptr + (pid_b * n_chunks + s // CHUNK) * DIM * N + dn, mask=mask, other=0.0)
+            tl.store(scratch, h)
+            for t in range(s, e):
+                _, dl, u, Bt = _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, offs_n < N, SOFTPLUS)
+                h = tl.exp(dl[:, None] * A) * h + (dl * u)[:, None] * Bt[None, :]
+                tl.store(scratch + (t - s + 1) * BLOCK_D * BLOCK_N, h)
+            tl.debug_barrier()  # states stored by one thread are read by another below
+            for k in range(0, e - s):  # h is h_t here
+                t = e - 1 - k
+                h_prev = tl.load(scratch + (t - s) * BLOCK_D * BLOCK_N)
+                raw, dl, u, Bt = _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, offs_n < N, SOFTPLUS)
+                Ct = tl.load(C_ptr + bc + t, mask=offs_n < N, other=0.0).to(tl.float32)
+                dy = tl.load(dout_ptr + row + t).to(tl.float32)
+                if z_ptr is not None:  # out = y * silu(z)
+                    zt = tl.load(z_ptr + row + t).to(tl.float32)
+                    sz = tl.sigmoid(zt)
+                    y = tl.sum(h * Ct[None, :], 1) + Dv * u
+                    tl.store(dz_ptr + row + t, (dy * y * sz * (1 + zt * (1 - sz))).to(dz_ptr.dtype.element_ty))
+                    dy = dy * zt * sz
+                a = tl.exp(dl[:, None] * A)
+                g += dy[:, None] * Ct[None, :]  # now g = dLoss/dh_t
+                gB = tl.sum(g * Bt[None, :], 1)
+                dlog_a = g * h_prev * a  # dLoss/d(Δ_t A)
+                ddl = tl.sum(dlog_a * A, 1) + gB * u
+                if SOFTPLUS:
+                    ddl = ddl * tl.sigmoid(raw)
+                tl.store(du_ptr + row + t, (gB * dl + dy * Dv).to(du_ptr.dtype.element_ty))
+                tl.store(ddelta_ptr + row + t, ddl.to(ddelta_ptr.dtype.element_ty))
+                tl.store(dB_ptr + part + t, tl.sum(g * (dl * u)[:, None], 0), mask=offs_n < N)
+                tl.store(dC_ptr + part + t, tl.sum(h * dy[:, None], 0), mask=offs_n < N)
+                dA += dlog_a * dl[:, None]
+                dD += dy * u
+                dbias += ddl
+                g = g * a
+                h = h_prev
+            tl.debug_barrier()  # the next chunk overwrites scratch
+        tl.store(dA_ptr + pid_b * DIM * N + dn, dA, mask=mask)
+        tl.store(dD_ptr + pid_b * DIM + offs_d, dD)
+        tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias)
+else:
+    _INTERPRETED = False
+
+
+def _triton_blocks(batch, dim, G, N):
+    """Block sizes: a channel block never straddles two groups, and there are enough programs to fill a GPU."""
+    block_n = triton.next_power_of_2(N)
+    R = dim // G
+    block_d = min(R & -R, max(1, 512 // block_n))  # R & -R: largest power of two dividing R
+    while block_d > 4 and batch * (dim // block_d) < 1024:
+        block_d //= 2
+    return block_d, block_n, max(1, min(4, block_d * block_n // 128))
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    """Triton scan. Inputs keep their dtypes (kernels load and upcast); B and C are grouped (b, G, N, L)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        ctx.set_materialize_grads(False)
+        u, delta, A, B, C, D, z, delta_bias = (None if t is None else t.contiguous()
+                                               for t in (u, delta, A, B, C, D, z, delta_bias))
+        (b, dim, L), (G, N) = u.shape, B.shape[1:3]
+        block_d, block_n, warps = _triton_blocks(b, dim, G, N)
+        n_chunks = triton.cdiv(L, TRITON_CHUNK)
+        out = torch.empty_like(u)
+        last = u.new_empty(b, dim, N, dtype=torch.float32)
+        starts = u.new_empty(b, n_chunks, dim, N, dtype=torch.float32) if any(ctx.needs_input_grad) else None
+        _scan_fwd_kernel[(b, dim // block_d)](
+            u, delta, A, B, C, D, z, delta_bias, out, last, starts, L, dim, N, dim // G, G, n_chunks,
+            SOFTPLUS=softplus, CHUNK=TRITON_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
+        ctx.meta = (softplus, TRITON_CHUNK, block_d, block_n, warps)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        softplus, chunk, block_d, block_n, warps = ctx.meta
+        (b, dim, L), (G, N) = u.shape, B.shape[1:3]
+        n_dblk, f32 = dim // block_d, torch.float32
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dlast = None if dlast is None else dlast.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = None if z is None else torch.empty_like(z)
+        dA = u.new_empty(b, dim, N, dtype=f32)  # per batch row
+        dD, dbias = u.new_empty(b, dim, dtype=f32), u.new_empty(b, dim, dtype=f32)
+        dB, dC = u.new_empty(b, n_dblk, N, L, dtype=f32), u.new_empty(b, n_dblk, N, L, dtype=f32)  # per block
+        scratch = u.new_empty(b * n_dblk * (chunk + 1) * block_d * block_n, dtype=f32)
+        _scan_bwd_kernel[(b, n_dblk)](
+            u, delta, A, B, C, D, z, delta_bias, dout, dlast, starts, scratch, du, ddelta, dz, dA, dB, dC, dD,
+            dbias, L, dim, N, dim // G, G, starts.shape[1], SOFTPLUS=softplus, CHUNK=chunk, BLOCK_D=block_d,
+            BLOCK_N=block_n, num_warps=warps)
+        per_group = lambda t, like: t.view(b, G, n_dblk // G, N, L).sum(2).to(like.dtype)  # blocks -> groups
+        return (du, ddelta, dA.sum(0).to(A.dtype), per_group(dB, B), per_group(dC, C),
+                None if D is None else dD.sum(0).to(D.dtype), dz,
+                None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), None)
+
+
+# ----------------------------------------------------------------------------- Mamba1 entry point
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, backend=None):
+    """Mamba1 selective scan; see the module docstring. Returns y (b, D, L), or (y, last_state (b, D, N))."""
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    backend = _pick_backend(backend, u.device, default_triton=True)
+    if backend == "triton" and u.dtype == torch.float64:
+        raise ValueError("backend='triton' supports fp32, bf16 and fp16 inputs, not fp64")
+    with torch.autocast(u.device.type, enabled=False):  # keep fp32 math inside mixed-precision regions
+        if backend == "ref":
+            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if B.dim() == 3:
+            B, C = B[:, None], C[:, None]  # (b, 1, N, L)
+        if backend == "triton":
+            y, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+        else:
+            f = _math_dtype(u.dtype)
+            inputs = (None if t is None else t.to(f) for t in (u, delta, A, B, C, D, z, delta_bias))
+            y, last = _SelectiveScanTorch.apply(*inputs, bool(delta_softplus))
+            y = y.to(u.dtype)
+    return (y, last) if return_last_state else y
+
+
+# ----------------------------------------------------------------------------- Mamba2 (SSD)
+
+
+def _segsum(x):
+    """(..., T) -> (..., T, T) with out[..., i, j] = x_{j+1} + ... + x_i for i >= j and -inf above the diagonal.
+
+    Built by cumulatively summing masked copies, so it stays exact where cs_i - cs_j of one long
+    cumsum would cancel digits.
+    """
+    T = x.shape[-1]
+    ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
+    xs = x[..., :, None].expand(*x.shape, T).masked_fill(~ones.tril(-1), 0)  # [k, j] = x_k where k > j, else 0
+    return xs.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
+
+
+def _ssd_torch(x, dl, A, B, C, Q):
+    """Chunked SSD in the math dtype. x (b, L, H, P); dl = Δ (b, L, H); A (H,); B, C (b, L, G, N)."""
+    (b, L, H, P), (G, N) = x.shape, B.shape[2:]
+    pad = -L % Q  # padded steps have Δ = 0: decay 1 and no input, so they leave the state alone
+    pad_time = lambda t: F.pad(t, [0, 0] * (t.dim() - 2) + [0, pad])
+    nc, R = (L + pad) // Q, H // G
+    x, dl, B, C = pad_time(x), pad_time(dl), pad_time(B), pad_time(C)
+    xdt = (x * dl[..., None]).view(b, nc, Q, G, R, P)  # Δ_j x_j
+    B, C = B.view(b, nc, Q, G, N), C.view(b, nc, Q, G, N)
+    log_a = (dl * A).view(b, nc, Q, G, R).permute(0, 3, 4, 1, 2)  # (b, G, R, nc, Q): Δ_t A_h
+    seg = _segsum(log_a)  # (b, G, R, nc, Q, Q)
+    # 1. inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(seg_ij) Δ_j x_j
+    CB = torch.einsum("bcign,bcjgn->bgcij", C, B)  # (b, G, nc, Q, Q)
+    y = torch.einsum("bgcij,bgrcij,bcjgrp->bcigrp", CB, seg.exp(), xdt)  # (b, nc, Q, G, R, P)
+    # (einsum operands are ordered so that contracting left to right never builds a (.., N, R) tensor)
+    # 2. what each chunk adds to the state at its end
+    S = torch.einsum("bgrcj,bcjgrp,bcjgn->bcgrpn", seg[..., -1, :].exp(), xdt, B)  # (b, nc, G, R, P, N)
+    # 3. pass states across chunks: h_c = exp(sum of the chunk's Δ A) h_{c-1} + S_c
+    cs = log_a.cumsum(-1)  # (b, G, R, nc, Q): log decay from the chunk start through step i
+    chunk_decay = cs[..., -1].exp()[..., None, None]  # (b, G, R, nc, 1, 1)
+    h, starts = x.new_zeros(b, G, R, P, N), []
+    for c in range(nc):
+        starts.append(h)
+        h = chunk_decay[:, :, :, c] * h + S[:, c]
+    # 4. the state entering each chunk, decayed to step i and read out by C_i
+    y = y + torch.einsum("bcign,bcgrpn,bgrci->bcigrp", C, torch.stack(starts, 1), cs.exp())
+    return y.reshape(b, nc * Q, H, P)[:, :L], h.reshape(b, H, P, N)
+
+
+def ssd_scan(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, chunk_size=64, return_last_state=False,
+             backend=None):
+    """Mamba2 scan. x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N), D and dt_bias (H,).
+
+    Per head h and channel p: h_t = exp(Δ_t A_h) h_{t-1} + Δ_t B_t x_t,  y_t = C_t . h_t + D_h x_t.
+    Returns y (b, L, H, P), or (y, last_state (b, H, P, N)). backend: "torch" (default, chunked matmul
+    form with plain autograd), "ref" or "triton" (selective_scan with A repeated per head channel).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must have shape (batch, L, H, P), got {getattr(x, 'shape', type(x).__name__)}")
+    (b, L, H, P) = x.shape
+    if not isinstance(B, torch.Tensor) or B.dim() != 4 or B.shape[:2] != (b, L):
+        raise ValueError(f"B must have shape (batch, L, G, N) = ({b}, {L}, G, N), got {getattr(B, 'shape', None)}")
+    G, N = B.shape[2:]
+    if G < 1 or H % G:
+        raise ValueError(f"B has G={G} groups but H={H} heads is not divisible by G")
+    _check("dt", dt, "(batch, L, H)", (b, L, H), x, True)
+    _check("A", A, "(H,)", (H,), x, False)
+    _check("C", C, "(batch, L, G, N)", (b, L, G, N), x, False)
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            _check(name, t, "(H,)", (H,), x, False)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    backend = _pick_backend(backend, x.device, default_triton=False)
+    if backend != "torch":  # one Mamba1 channel per (head, head channel) pair: d = h * P + p
+        per_chan = lambda t: None if t is None else t.repeat_interleave(P)  # (H,) -> (H*P,)
+        out = selective_scan(
+            x.reshape(b, L, H * P).transpose(1, 2), dt.repeat_interleave(P, dim=2).transpose(1, 2),
+            per_chan(A)[:, None].expand(H * P, N), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), per_chan(D),
+            delta_bias=per_chan(dt_bias), delta_softplus=dt_softplus, return_last_state=True, backend=backend)
+        y, last = out[0].transpose(1, 2).reshape(b, L, H, P), out[1].view(b, H, P, N)
+    else:
+        f = _math_dtype(x.dtype)
+        dl = _delta(dt.to(f).transpose(1, 2), None if dt_bias is None else dt_bias.to(f), dt_softplus).transpose(1, 2)
+        with torch.autocast(x.device.type, enabled=False):  # keep fp32 einsums inside mixed-precision regions
+            y, last = _ssd_torch(x.to(f), dl, A.to(f), B.to(f), C.to(f), chunk_size)
+        if D is not None:
+            y = y + D.to(f)[:, None] * x.to(f)
+        y = y.to(x.dtype)
+    return (y, last) if return_last_state else y
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM
+SCAN_SHAPES = [(64, 2048, 32, 128), (16, 1024, 16, 512), (8, 2048, 16, 2048), (4, 1536, 16, 4096)]  # b, D, N, L
+SSD_SHAPES = [(64, 128, 32, 64, 128), (8, 2048, 32, 64, 128)]  # b, L, H, P, N
+SCAN_SHAPES_SMALL = [(2, 64, 16, 128), (8, 128, 16, 64), (1, 256, 16, 512)]
+SSD_SHAPES_SMALL = [(2, 128, 4, 16, 16), (1, 512, 8, 16, 32)]
+
+
+def _time_ms(fn, device):
+    """Median milliseconds of fn()."""
+    if device.type == "cuda" and triton is not None:
+        return triton.testing.do_bench(fn, return_mode="median")
+    fn()  # warm up
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _fwd_bwd_ms(run, inputs, device):
+    """(forward ms, forward+backward ms) of run(**inputs) with every floating input requiring grad."""
+    leaves = [t.requires_grad_() for t in inputs.values() if isinstance(t, torch.Tensor)]
+    with torch.no_grad():
+        fwd = _time_ms(lambda: run(**inputs), device)
+    dy = torch.randn_like(run(**inputs))
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        run(**inputs).backward(dy)
+
+    return fwd, _time_ms(step, device)
+
+
+def _bench_rows(label, runs, inputs, act_numels, out_numel, device):
+    """One table row per backend in `runs`; ratios against the "mamba_ssm" row when there is one."""
+    elem = inputs[next(iter(inputs))].element_size()
+    # minimal traffic: forward reads the activations and writes y; backward reads them and dy, writes their grads
+    fwd_bytes = (sum(act_numels) + out_numel) * elem
+    bound = (1e3 * fwd_bytes / HBM_BYTES_PER_S, 1e3 * (fwd_bytes + (2 * sum(act_numels) + out_numel) * elem)
+             / HBM_BYTES_PER_S)
+    times = {name: _fwd_bwd_ms(run, inputs, device) for name, run in runs.items()}
+    cuda = times.get("mamba_ssm")
+    for name, (fwd, fb) in times.items():
+        ratio = [f"{fwd / cuda[0]:.2f}", f"{fb / cuda[1]:.2f}"] if cuda and name != "mamba_ssm" else ["-", "-"]
+        hbm = [f"{100 * bound[0] / fwd:.1f}%", f"{100 * bound[1] / fb:.1f}%"] if device.type == "cuda" else ["-", "-"]
+        print(f"{label:38} {name:9} {fwd:9.3f} {fb:9.3f} {ratio[0]:>8} {ratio[1]:>8} {hbm[0]:>8} {hbm[1]:>8}",
+              flush=True)
+
+
+def _bench(device, small):
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        selective_scan_fn = mamba_chunk_scan_combined = None
+    cuda, ref_max_len = device.type == "cuda", 1024 if small else 512
+    print(f"# device {device}, torch threads={torch.get_num_threads()}; median ms; ratio = ours / mamba_ssm CUDA;"
+          f" %HBM = time at {HBM_BYTES_PER_S:.3g} B/s"
+          " (H100 SXM HBM3) for the minimal bytes / measured time")
+    print(f"{'op (b, D, N, L) | (b, L, H, P, N), dtype':38} {'backend':9} {'fwd ms':>9} {'f+b ms':>9} "
+          f"{'fwd/cuda':>8} {'f+b/cuda':>8} {'fwd HBM':>8} {'f+b HBM':>8}")
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        act = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
+        for b, dim, N, L in SCAN_SHAPES_SMALL if small else SCAN_SHAPES:
+            dt = torch.empty(dim).uniform_(1e-3, 0.1, generator=gen)
+            inputs = dict(u=act(b, dim, L), delta=act(b, dim, L, scale=0.1),
+                          A=-torch.arange(1.0, N + 1).repeat(dim, 1).to(device), B=act(b, N, L), C=act(b, N, L),
+                          D=torch.ones(dim, device=device), z=act(b, dim, L),
+                          delta_bias=torch.log(torch.expm1(dt)).to(device))  # Mamba's initialization
+            runs = {}
+            if cuda and selective_scan_fn is not None:
+                runs["mamba_ssm"] = lambda **kw: selective_scan_fn(**kw, delta_softplus=True)
+            for backend in ("triton", "torch", "ref"):
+                if (backend != "triton" or cuda and triton is not None) and (backend != "ref" or L <= ref_max_len):
+                    runs[backend] = lambda backend=backend, **kw: selective_scan(**kw, delta_softplus=True,
+                                                                               backend=backend)
+            _bench_rows(f"scan {(b, dim, N, L)} {str(dtype)[6:]}", runs, inputs,
+                        [3 * b * dim * L, 2 * b * N * L], b * dim * L, device)
+        for b, L, H, P, N in SSD_SHAPES_SMALL if small else SSD_SHAPES:
+            dt = torch.empty(H).uniform_(1e-3, 0.1, generator=gen)
+            inputs = dict(x=act(b, L, H, P), dt=act(b, L, H, scale=0.1), A=-torch.rand(H, generator=gen).to(device),
+                          B=act(b, L, 1, N), C=act(b, L, 1, N), D=torch.ones(H, device=device),
+                          dt_bias=torch.log(torch.expm1(dt)).to(device))
+            runs = {}
+            if cuda and mamba_chunk_scan_combined is not None:
+                runs["mamba_ssm"] = lambda x, dt, A, B, C, D, dt_bias: mamba_chunk_scan_combined(
+                    x, dt, A, B, C, 64, D=D, dt_bias=dt_bias, dt_softplus=True)
+            for backend in ("torch", "ref"):
+                if backend != "ref" or L <= ref_max_len:
+                    runs[backend] = lambda backend=backend, **kw: ssd_scan(**kw, dt_softplus=True, backend=backend)
+            _bench_rows(f"ssd {(b, L, H, P, N)} {str(dtype)[6:]}", runs, inputs,
+                        [b * L * H * P, b * L * H, 2 * b * L * N], b * L * H * P, device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Benchmark selective_scan and ssd_scan against mamba_ssm.")
+    parser.add_argument("--bench", action="store_true", help="print the benchmark table")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="small shapes (always on for CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 keeps timings steady on a shared machine")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.print_help()
+        return
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    _bench(device, args.small or device.type == "cpu")
+
+
+if __name__ == "__main__":
+    main()
