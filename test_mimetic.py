@@ -5,6 +5,7 @@ is imported (by this file or by mimetic.py); importing torch does not import tri
 """
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -862,7 +863,6 @@ def test_gpu_matches_mamba_ssm(device):
 # mimetic.py is the file people copy: it must work alone
 
 def test_mimetic_py_alone_trains(tmp_path):
-    import shutil
     shutil.copy(os.path.join(HERE, "mimetic.py"), tmp_path)
     script = """
 import torch, mimetic
@@ -882,3 +882,13 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_tutorial_executes_as_a_notebook(tmp_path):
+    """tutorial.py asserts each of its claims; CI runs it the way readers do, as a notebook."""
+    for name in ("tutorial.py", "mimetic.py", "kernels.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    out = subprocess.run(["jupytext", "--to", "ipynb", "--execute", "tutorial.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "tutorial.ipynb").stat().st_size > 10_000  # executed, with its figures
