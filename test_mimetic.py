@@ -884,6 +884,15 @@ print("ok")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+def test_readme_library_example_runs():
+    import re
+    readme = open(os.path.join(HERE, "README.md")).read()
+    namespace = {}
+    exec(re.search(r"```python\n(.*?)```", readme, re.S).group(1), namespace)
+    assert len(namespace["maps"]) == 4 and namespace["maps"][0].shape == (32, 41, 41)
+    assert namespace["model"].layers[0].mixer.mimetic_c.item() == 8.0
+
+
 def test_tutorial_executes_as_a_notebook(tmp_path):
     """tutorial.py asserts each of its claims; CI runs it the way readers do, as a notebook."""
     for name in ("tutorial.py", "mimetic.py", "kernels.py"):
