@@ -474,6 +474,11 @@ def segment_sum(log_a):
     return terms.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
 
 
+def shared_across_states(A):
+    """True when every state dimension has the same A (Mamba 2's scalar per head): then one mask serves all N."""
+    return torch.equal(A, A[:, :1].expand_as(A))
+
+
 def ssm_matrix(delta, A, B, C):
     """Eq. 8: M[b, d, i, j] = Σ_n C[b, n, i] · exp(Σ_{k=j+1..i} Δ[b, d, k] A[d, n]) · Δ[b, d, j] B[b, n, j].
 
@@ -481,6 +486,9 @@ def ssm_matrix(delta, A, B, C):
     """
     b, D, L = delta.shape
     G, N = B.shape[1], B.shape[2]
+    if shared_across_states(A):  # the mask leaves Σ_n: M = mask ⊙ C_iᵀ B_j Δ_j, multi-head linear attention
+        CB = (C.transpose(-1, -2) @ B).repeat_interleave(D // G, dim=1)  # (b, D, L, L)
+        return segment_sum(delta * A[:, 0, None]).exp() * CB * delta[..., None, :]
     M = delta.new_zeros(b, D, L, L)
     for n in range(N):  # one state dimension at a time keeps memory at (b, D, L, L)
         B_n, C_n = (t[:, :, n].repeat_interleave(D // G, dim=1) for t in (B, C))  # (b, D, L)
@@ -510,7 +518,8 @@ def attention_mask(layer, hidden_states):
     if not isinstance(layer, SelectiveSSM):
         raise TypeError(f"only Mamba layers have a mask ∏Ā, got {type(layer).__name__}")
     delta, A, _, _ = layer.ssm_params(hidden_states)
-    return sum(segment_sum(delta * A[:, n, None]).exp().mean(1) for n in range(A.shape[1])) / A.shape[1]
+    columns = A[:, :1] if shared_across_states(A) else A
+    return sum(segment_sum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------------
