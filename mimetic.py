@@ -167,6 +167,7 @@ class Mamba1(SelectiveSSM):
         self.dt_proj.bias._no_reinit = True  # the LM's init zeroes Linear biases, but not this one
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
         self.D = nn.Parameter(torch.ones(D))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as the reference: decay would move A
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
     def ssm_inputs(self, hidden_states):
@@ -210,6 +211,7 @@ class Mamba2(SelectiveSSM):
         self.dt_bias = nn.Parameter(dt_bias_init(H, dt_min, dt_max, dt_init_floor))
         self.A_log = nn.Parameter(torch.empty(H).uniform_(*A_init_range).log())  # (H,)
         self.D = nn.Parameter(torch.ones(H))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = self.dt_bias._no_weight_decay = True
         self.norm = RMSNorm(D, eps=1e-5, group_size=D // G)
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
