@@ -995,8 +995,10 @@ def test_mimetic_beats_default_on_the_cpu_main_job():
 def test_mimetic_py_alone_trains(tmp_path):
     shutil.copy(os.path.join(HERE, "mimetic.py"), tmp_path)
     script = """
+import sys
+sys.modules["kernels"] = None  # as if kernels.py were absent, even where pip installed it beside mimetic
 import torch, mimetic
-assert mimetic.kernels is None
+assert mimetic.kernels is None and mimetic.__file__.startswith(sys.argv[1]), mimetic.__file__
 torch.manual_seed(0)
 for arch in ("mamba1", "mamba2"):
     model = mimetic.mimetic_init_(mimetic.LM(mimetic.ModelConfig(vocab_size=8, d_model=16, n_layers=2, arch=arch, headdim=8, d_state=8)))
@@ -1009,7 +1011,7 @@ for arch in ("mamba1", "mamba2"):
     assert losses[-1] < 0.8 * losses[0], losses
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
