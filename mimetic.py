@@ -451,6 +451,8 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
             layer.mimetic_c = torch.tensor(float(c), device=layer.A_log.device)
         if dt:
             W_dt.zero_()
+            if isinstance(layer, Mamba2) and layer.in_proj.bias is not None:  # in_proj(bias=True): its dt part too
+                layer.in_proj.bias[-layer.nheads:] = 0
             (layer.dt_proj.bias if isinstance(layer, Mamba1) else layer.dt_bias).fill_(SOFTPLUS_INV_1)
         if bc:
             for rows_B, rows_C in zip(Bs, Cs):

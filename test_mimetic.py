@@ -208,10 +208,13 @@ def test_mimetic_A_makes_A_bar_near_one():
     assert torch.allclose(-m2.A, A_init ** -8.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [Mamba1, Mamba2])
-def test_mimetic_dt_is_one_on_any_input(cls):
+@pytest.mark.parametrize("cls, bias", [(Mamba1, False), (Mamba1, True), (Mamba2, False), (Mamba2, True)])
+def test_mimetic_dt_is_one_on_any_input(cls, bias):
     torch.manual_seed(0)
-    layer = mimetic_init_(cls(16, d_state=8, **({"headdim": 8} if cls is Mamba2 else {})), A=False, bc=False)
+    layer = cls(16, d_state=8, bias=bias, **({"headdim": 8} if cls is Mamba2 else {}))
+    if bias:
+        torch.nn.init.normal_(layer.in_proj.bias)  # a trained-looking bias must not leak into Δ
+    mimetic_init_(layer, A=False, bc=False)
     delta = layer.ssm_params(torch.randn(3, 10, 16) * 10)[0]
     assert torch.allclose(delta, torch.ones_like(delta), atol=1e-6)
 
