@@ -85,7 +85,8 @@ OPTIONS = [
     ("vocab_size", 64, int, "number of content tokens of the task (the LM adds the task's special tokens)"),
     ("train_len", 16, int, "task length used for training (copy: string length)"),
     ("min_train_len", None, int, "draw each batch's length uniformly from [this, train_len] (default: 2 for copy, "
-     "stack and sort, as Jelassi et al.'s copy pipeline trains on a range of lengths; train_len for the other tasks)"),
+     "stack and sort, since one fixed length teaches copying by position, which fails at 2x (README); train_len "
+     "for the other tasks)"),
     ("eval_lens", None, str, "comma-separated eval lengths (default: 1×, 2× and 4× the train length)"),
     ("steps", 4000, int, "optimizer steps"),
     ("batch_size", 32, int, "training batch size"),
