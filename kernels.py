@@ -393,7 +393,8 @@ else:
 
 
 def _triton_blocks(batch, dim, G, N):
-    """Block sizes: a channel block never straddles two groups, and there are enough programs to fill a GPU."""
+    """Block sizes: a channel block divides R = dim / G, so it never straddles two groups and the kernels'
+    unmasked per-channel loads and stores stay in bounds; and there are enough programs to fill a GPU."""
     block_n = triton.next_power_of_2(N)
     R = dim // G
     block_d = min(R & -R, max(1, 512 // block_n))  # R & -R: largest power of two dividing R
