@@ -928,6 +928,8 @@ def test_ctrl_c_stops_cleanly_and_writes_the_outputs_so_far(tmp_path):
     (["--arch", "transformer"], "invalid choice"),
     (["--arch", "attention", "--mimetic"], "needs Mamba layers"),
     (["--task", "mqar", "--vocab-size", "8"], "mqar"),
+    (["--scale", "cpu"], "--preset"),
+    (["--preset", "fig1", "--scale", "laptop"], "invalid choice"),
 ])
 def test_bad_arguments_exit_with_one_line_and_no_traceback(tmp_path, capsys, args, message):
     """In-process: main() may only raise SystemExit (any other exception would be a traceback)."""
@@ -942,7 +944,7 @@ def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp
     train.main(args)
     run = next(p for p in tmp_path.iterdir() if p.is_dir())
     assert sorted(p.name for p in run.iterdir()) == ["seed0", "seed1"]
-    for name in ("summary.csv", "summary.md", "summary.png"):
+    for name in ("summary.csv", "summary.md", "summary.png", "summary_final.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "± " in (tmp_path / "summary.md").read_text()
     capsys.readouterr()
@@ -957,9 +959,31 @@ def test_presets_expand_to_the_paper_grids():
     assert not ablation["mamba1_none"]["mimetic"] and ablation["mamba2_A+dt+bc+conv"]["mimetic"]
     fig2 = train.resolve_config({**train.PRESETS["fig2"][1], **train.PRESETS["fig2"][2]["hybrid"]})
     assert fig2["pattern"] == "MMMAMMMM" and fig2["eval_lens"] == "50,100,200"
-    model = train.build_model(train.resolve_config({**train.PRESETS["linattn"][1], "d_model": 16,
+    model = train.build_model(train.resolve_config({**train.PRESETS["linattn"][1], "d_model": 16, "headdim": 8,
                                                     **train.PRESETS["linattn"][2]["linear8"]}))
     assert type(model.layers[3].mixer).__name__ == "LinearAttention" and model.layers[3].mixer.head_dim == 8
+
+
+def test_cpu_scale_presets_are_the_readme_main_job_with_the_target_layer_last():
+    """The cpu presets reuse the main job's size: its 2-layer Mamba 2 is the statesize grid's N = 128 config,
+    so the README's main-job runs are also that preset's runs; the paper's layer 4 of 8 becomes layer 2 of 2."""
+    cpu = train.presets("cpu")
+
+    def shared_and(name, config):
+        return train.resolve_config({**cpu[name][1], **cpu[name][2][config]})
+    for name, config, flags in (("statesize", "N128_default", []), ("statesize", "N128_mimetic", ["--mimetic"]),
+                                ("fig1", "mamba1_mimetic", ["--mimetic", "--arch", "mamba1", "--d-state", "32"])):
+        main_job = train.resolve_config(vars(train.build_parser().parse_args(["--task", "copy", *flags])))
+        assert shared_and(name, config) == main_job, (name, config)
+    assert shared_and("fig2", "hybrid")["pattern"] == "MA" and shared_and("fig2", "mimetic_l1")["mimetic_layers"] == "1"
+    assert shared_and("linattn", "linear1024")["pattern"] == "ML"
+    mqar = shared_and("tasks", "mqar_mimetic")
+    assert mqar["eval_lens"] == "8,16,32" and mqar["mimetic"] and mqar["vocab_size"] == 128
+    assert shared_and("ablation", "mamba2_none")["steps"] == 2000 and len(cpu["ablation"][2]) == 32
+    for scale in train.SCALES:  # every config of every preset is a valid one at both scales
+        for name, (_, shared, grid) in train.presets(scale).items():
+            for config, flags in grid.items():
+                train.resolve_config({**shared, **flags, "device": "cpu"})
 
 
 def test_mimetic_flags_reach_the_model():

@@ -3,6 +3,7 @@
     python train.py --task copy --mimetic              # the main job: a few minutes on a laptop CPU
     python train.py --task copy                        # the same model with the default init, for contrast
     python train.py --preset ablation --sweep          # a grid of the paper's setups (GPU-sized), seeds × configs
+    python train.py --preset ablation --scale cpu --sweep   # the same grid at the main job's CPU size
     python train.py plot runs/A runs/B --out cmp.png   # overlay runs (mean ± std over the seeds a folder holds)
 
 A run folder gets config.json, metrics.jsonl / metrics.csv (one row per eval), checkpoint.pt, accuracy.png
@@ -11,7 +12,8 @@ attention map and average mask ∏Ā, §2 of Trockman et al. 2024). Ctrl-C stops
 
 The defaults are the CPU main job: a 2-layer Mamba 2 (d_model 64, N 128) copying strings of 2–16 of 64
 tokens for 4000 steps, evaluated at lengths 16, 32 and 64 (a few minutes on 2 cores). The presets set the
-paper's GPU-sized setups instead (d_model 256, length 50, 5000 steps).
+paper's GPU-sized setups instead (d_model 256, length 50, 5000 steps), or with --scale cpu the same grids at
+the main job's size.
 """
 import argparse
 import csv
@@ -38,33 +40,58 @@ ARCHS = ("mamba1", "mamba2", "attention", "linear")
 # ----------------------------------------------------------------------------------------------------
 # Command line and presets
 
-# The paper's setups (§3–§5) at the paper's scale, for a GPU. Mamba 1: N = 32; Mamba 2: N = 128, headdim 64;
-# 5000 steps; the paper swept lr over {1e-3, 5e-4, 1e-4}. A preset is (description, shared flags, grid),
-# the grid one dict of flags per config (named by its key).
-PAPER = dict(task="copy", d_model=256, train_len=50, vocab_size=26, steps=5000, batch_size=64, lr=1e-3,
-             eval_every=250, eval_batches=4)
-M1, M2 = dict(arch="mamba1", d_state=32), dict(arch="mamba2", d_state=128, headdim=64)
-PRESETS = {
-    "fig1": ("Fig. 1: 4-layer Mamba 1 on copy, length 50, default vs mimetic",
-             dict(PAPER, n_layers=4, **M1), {"default": {}, "mimetic": dict(mimetic=True)}),
-    "fig2": ("Fig. 2/4: 8 layers, hybrid MMMAMMMM vs Mamba with mimetic layer 4 only (index 3)",
-             dict(PAPER, n_layers=8, **M1),
-             {"hybrid": dict(pattern="MMMAMMMM"), "default": {}, "mimetic_l3": dict(mimetic_layers="3")}),
-    "ablation": ("Fig. 3: all 16 on/off combinations of A, dt, bc, conv for mamba1 and mamba2; scaled down "
-                 "from the paper's 24 layers × d_model 1024 to 4 × 256",
-                 dict(PAPER, n_layers=4),
-                 {f"{arch}_{'+'.join(parts) or 'none'}": dict(arch_flags, mimetic_parts=",".join(parts))
-                  for arch, arch_flags in (("mamba1", M1), ("mamba2", M2))
-                  for k in range(len(PARTS) + 1) for parts in itertools.combinations(PARTS, k)}),
-    "statesize": ("Fig. 7: mamba2 with state size N = 16…256, default vs mimetic",
-                  dict(PAPER, n_layers=4, **M2),
-                  {f"N{n}_{init}": dict(d_state=n, mimetic=init == "mimetic")
-                   for n in (16, 32, 64, 128, 256) for init in ("default", "mimetic")}),
-    "linattn": ("Fig. 5: 8 layers, layer 4 linear attention (head dim 8/32/1024) vs mimetic Mamba N=32 there",
-                dict(PAPER, n_layers=8, **M1, eval_lens="50,100,200"),
-                {**{f"linear{k}": dict(pattern="MMMLMMMM", linear_head_dim=k) for k in (8, 32, 1024)},
-                 "mamba_mimetic_l3": dict(mimetic_layers="3")}),
-}
+# The paper's setups (§3–§5) as name: (description, shared flags, grid: {config name: flags}), at two scales.
+# "paper" is the paper's size, for a GPU: Mamba 1 with N = 32, Mamba 2 with N = 128 and head dim 64, strings
+# of 50, 5000 steps (the paper swept lr over {1e-3, 5e-4, 1e-4}). "cpu" is the README's main job: 2 layers
+# of width 64, strings of 2–16 of 64 tokens, 4000 steps; the paper's "layer 4 of 8" becomes layer 2 of 2.
+SCALES = {"paper": dict(d_model=256, train_len=50, vocab_size=26, steps=5000, batch_size=64, lr=1e-3),
+          "cpu": dict(d_model=64, train_len=16, vocab_size=64, steps=4000, batch_size=32, lr=3e-3)}
+
+
+def presets(scale):
+    paper = scale == "paper"
+    base = dict(SCALES[scale], task="copy", n_layers=4 if paper else 2)
+    m1, m2 = dict(arch="mamba1", d_state=32), dict(arch="mamba2", d_state=128, headdim=64 if paper else 32)
+    depth, target = (8, 3) if paper else (2, 1)  # the hybrids' depth and their one non-Mamba layer (0-based)
+
+    def hybrid(letter):  # e.g. MMMAMMMM
+        return "M" * target + letter + "M" * (depth - target - 1)
+    inits = {"default": {}, "mimetic": dict(mimetic=True), "hybrid": dict(pattern=hybrid("A"))}
+    task_flags = {"stack": {}, "sort": dict(vocab_size=512),  # the paper's sort vocabulary
+                  "mqar": dict(vocab_size=8192) if paper else dict(vocab_size=128, train_len=8)}  # 6 tokens a pair
+    return {
+        "fig1": ("Fig. 1: Mamba 1 and Mamba 2 on copy, default vs mimetic", base,
+                 {f"{arch}_{init}": dict(flags, **inits[init]) for arch, flags in (("mamba1", m1), ("mamba2", m2))
+                  for init in ("default", "mimetic")}),
+        "fig2": (f"Fig. 2: {depth}-layer Mamba 2 with attention as layer {target + 1}, vs mimetic init of that "
+                 "layer only", dict(base, n_layers=depth, **m2),
+                 {"hybrid": inits["hybrid"], "default": {}, f"mimetic_l{target}": dict(mimetic_layers=str(target))}),
+        "ablation": ("Fig. 3: the 16 on/off combinations of A, dt, bc, conv for Mamba 1 and 2, "
+                     + ("4 layers (the paper: 24 × d_model 1024)" if paper else "2000 steps"),
+                     dict(base, **({} if paper else dict(steps=2000))),
+                     {f"{arch}_{'+'.join(parts) or 'none'}": dict(arch_flags, mimetic_parts=",".join(parts))
+                      for arch, arch_flags in (("mamba1", m1), ("mamba2", m2))
+                      for k in range(len(PARTS) + 1) for parts in itertools.combinations(PARTS, k)}),
+        "tasks": ("Fig. 4: stack-order copy, MQAR and sorting: Mamba 2 default vs mimetic vs the attention hybrid",
+                  dict(base, n_layers=depth, **m2),
+                  {f"{task}_{init}": dict(flags, task=task, **inits[init])
+                   for task, flags in task_flags.items() for init in inits}),
+        "linattn": (f"Fig. 5: layer {target + 1} of {depth} as linear attention (head dim 8/32/1024) vs mimetic "
+                    "Mamba 2 there with N = 32 / 64", dict(base, n_layers=depth, **m2),
+                    {**{f"linear{k}": dict(pattern=hybrid("L"), linear_head_dim=k) for k in (8, 32, 1024)},
+                     **{f"mamba_N{n}_mimetic_l{target}": dict(d_state=n, mimetic_layers=str(target)) for n in (32, 64)}}),
+        "statesize": ("Fig. 7: Mamba 2 with state size N = 16…256, default vs mimetic", dict(base, **m2),
+                      {f"N{n}_{init}": dict(d_state=n, **inits[init])
+                       for n in (16, 32, 64, 128, 256) for init in ("default", "mimetic")}),
+        "mamba41": ("Mamba paper §4.1: selective copying and induction heads, 2-layer Mamba 1 (d_model 64, N 16), "
+                    "default init", dict(base, n_layers=2, d_model=64, arch="mamba1", d_state=16, vocab_size=16),
+                    {"selective_copy": dict(task="selective_copy", train_len=4096 if paper else 64),
+                     "induction": dict(task="induction", train_len=256 if paper else 64,
+                                       eval_lens="256,1024,4096,16384" if paper else "64,256,1024")}),
+    }
+
+
+PRESETS = presets("paper")
 
 # (flag, default, type, help); None defaults are resolved in resolve_config
 OPTIONS = [
@@ -101,13 +128,14 @@ OPTIONS = [
     ("device", "auto", str, "auto, cpu or cuda"),
     ("dtype", "fp32", str, "fp32 or bf16 (bf16 autocast, CUDA only)"),
     ("threads", None, int, "torch.set_num_threads (default: torch's choice)"),
-    ("out", None, str, "run folder (default: runs/<task>_<arch>_<init>_s<seed>, or runs/<preset> for sweeps)"),
-    ("preset", None, str, "the paper's setups (GPU-sized; your flags override): "
+    ("out", None, str, "run folder (default: runs/<task>_<arch>_<init>_s<seed>, or runs/<preset>_<scale> for sweeps)"),
+    ("preset", None, str, "the paper's setups (your flags override): "
      + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
+    ("scale", None, str, "size of the --preset setups: paper (for a GPU; the default) or cpu (README's CPU size)"),
     ("sweep", False, None, "run every config of the preset × every seed into subfolders of --out, skip finished ones"),
 ]
 CHOICES = {"task": TASKS, "arch": ARCHS, "device": ("auto", "cpu", "cuda"), "dtype": ("fp32", "bf16"),
-           "preset": tuple(PRESETS)}
+           "preset": tuple(PRESETS), "scale": tuple(SCALES)}
 
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
 
@@ -274,26 +302,51 @@ def load_run_group(folder):
 
 
 def plot_accuracy(groups, path, title=""):
-    """groups: (label, train_len, [rows per seed]); mean ± std band over seeds (truncated to the shortest)."""
-    lens = sorted({int(k) for _, _, runs in groups for k in runs[0][0]["exact_match"]})
-    train_len = groups[0][1]
-    longer = [n for n in lens if n != train_len] or [train_len]
-    fig, axes = plt.subplots(1, len(longer), figsize=(5 * len(longer), 3.8), squeeze=False)
-    for colour, (label, _, runs) in zip(itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"]), groups):
+    """groups: (label, train_len, [rows per seed]); mean ± std band over seeds (truncated to the shortest).
+    Panel k shows each group's k-th eval length beyond its train length (solid) and its train length (dotted)."""
+    def longer(train_len, runs):
+        return [int(n) for n in runs[0][0]["exact_match"] if int(n) != train_len] or [train_len]
+    shown = [longer(train_len, runs) for _, train_len, runs in groups]
+    fig, axes = plt.subplots(1, max(map(len, shown)), figsize=(5 * max(map(len, shown)), 3.8), squeeze=False)
+    colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for colour, (label, train_len, runs), lengths in zip(colours, groups, shown):
         n = min(len(rows) for rows in runs)
         steps = [r["step"] for r in runs[0][:n]]
-        for ax, length in zip(axes[0], longer):
-            for shown, style in ((train_len, ":"), (length, "-")):
-                if str(shown) not in runs[0][0]["exact_match"]:
+        for ax, length in zip(axes[0], lengths):
+            for at, style in ((train_len, ":"), (length, "-")):
+                if str(at) not in runs[0][0]["exact_match"]:
                     continue
-                acc = torch.tensor([[r["exact_match"][str(shown)] for r in rows[:n]] for rows in runs])
+                acc = torch.tensor([[r["exact_match"][str(at)] for r in rows[:n]] for rows in runs])
                 mean, std = acc.mean(0), acc.std(0) if len(runs) > 1 else torch.zeros(n)
-                ax.plot(steps, mean, style, color=colour, label=f"{label} @{shown}")
+                ax.plot(steps, mean, style, color=colour, label=f"{label} @{at}")
                 ax.fill_between(steps, (mean - std).clamp(min=0), (mean + std).clamp(max=1), color=colour, alpha=0.15)
-    for ax, length in zip(axes[0], longer):
-        ax.set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02), title=f"dotted: {train_len}, solid: {length}")
+    for k, ax in enumerate(axes[0]):
+        at = {(train_len, lengths[k]) for (_, train_len, _), lengths in zip(groups, shown) if k < len(lengths)}
+        ax.set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02),
+               title="dotted: {}, solid: {}".format(*next(iter(at))) if len(at) == 1 else "dotted: train length")
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_final(groups, path, title=""):
+    """Final exact match per group (mean ± std over seeds), one bar per eval length: for grids such as the
+    ablation, where curves would overlap."""
+    lens = sorted({int(n) for _, _, runs in groups for n in runs[0][-1]["exact_match"]})
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(groups) * len(lens)), 4))
+    width = 0.8 / len(lens)
+    for i, length in enumerate(lens):
+        finals = [torch.tensor([rows[-1]["exact_match"].get(str(length), float("nan")) for rows in runs])
+                  for _, _, runs in groups]
+        means = [f.mean().item() for f in finals]
+        stds = [f.std().item() if len(f) > 1 else 0.0 for f in finals]
+        ax.bar([g + (i - (len(lens) - 1) / 2) * width for g in range(len(groups))], means, width, yerr=stds,
+               capsize=2, label=f"@{length}")
+    ax.set_xticks(range(len(groups)), [label for label, _, _ in groups], rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel="final exact match", ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -423,7 +476,8 @@ def run_sweep(configs, seeds, out):
 
 
 def write_summary(out, names):
-    """summary.csv / summary.md: mean ± std over seeds of the final exact match per eval length; summary.png."""
+    """summary.csv / summary.md: mean ± std over seeds of the final exact match per eval length; summary.png
+    (curves) and summary_final.png (bars)."""
     groups = [load_run_group(out / name) for name in names if list((out / name).glob("*/metrics.jsonl"))]
     rows, table = [], []
     for label, _, runs in groups:
@@ -446,6 +500,7 @@ def write_summary(out, names):
     (out / "summary.md").write_text("Final exact match, mean ± std over seeds\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
     plot_accuracy(groups, out / "summary.png", out.name)
+    plot_final(groups, out / "summary_final.png", f"{out.name}: mean ± std over seeds")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -463,16 +518,20 @@ def main(argv=None):
         parser = argparse.ArgumentParser(prog="train.py plot", description="overlay the accuracy of run folders")
         parser.add_argument("runs", nargs="+", help="run folders, or folders of seed subfolders (mean ± std)")
         parser.add_argument("--out", default="accuracy_compare.png", help="figure path (default: %(default)s)")
+        parser.add_argument("--final", action="store_true", help="bars of the final exact match, not curves")
         args = parser.parse_args(argv[1:])
         try:
-            plot_accuracy([load_run_group(r) for r in args.runs], args.out)
+            (plot_final if args.final else plot_accuracy)([load_run_group(r) for r in args.runs], args.out)
         except (ValueError, OSError) as e:
             fail(e)
         print(f"wrote {args.out}")
         return
     args = build_parser().parse_args(argv)
     typed = vars(build_parser(with_defaults=False).parse_args(argv))
-    description, shared, grid = PRESETS[args.preset] if args.preset else ("", {}, {"": {}})
+    if args.scale and not args.preset:
+        fail("--scale sizes the --preset setups; name one with --preset")
+    scale = args.scale or "paper"
+    description, shared, grid = presets(scale)[args.preset] if args.preset else ("", {}, {"": {}})
     try:
         seeds = int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
         configs = {name: resolve_config({**shared, **flags, **typed}) for name, flags in grid.items()}
@@ -480,8 +539,9 @@ def main(argv=None):
         fail(e)
     first = next(iter(configs.values()))
     sweep = args.sweep or len(seeds) > 1 or len(configs) > 1
-    out = Path(args.out or f"runs/{args.preset or run_name(first)}" + ("" if sweep else f"_s{args.seed}"))
-    print(f"config{f' (preset {args.preset}: {description})' if args.preset else ''}:")
+    default_out = f"{args.preset}_{scale}" if args.preset else run_name(first)
+    out = Path(args.out or f"runs/{default_out}" + ("" if sweep else f"_s{args.seed}"))
+    print(f"config{f' (preset {args.preset}, {scale} scale: {description})' if args.preset else ''}:")
     print(json.dumps(first if len(configs) == 1 else {k: v for k, v in first.items() if all(
         cfg[k] == v for cfg in configs.values())}, indent=None))
     if len(configs) > 1:
