@@ -952,6 +952,24 @@ def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp
     assert capsys.readouterr().out.count("skip") == 2
 
 
+def test_summary_averages_the_final_rows_over_seeds_and_names_lengths_when_configs_differ(tmp_path):
+    """Two configs with different eval lengths (like copy vs mqar in the tasks preset), made-up metrics."""
+    for name, train_len, finals in (("copy", 16, (0.5, 1.0)), ("mqar", 8, (0.25, 0.25))):
+        for seed, final in enumerate(finals):
+            run = tmp_path / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "config.json").write_text(json.dumps({"train_len": train_len}))
+            lens = (str(train_len), str(2 * train_len))
+            rows = [{"step": step, "exact_match": dict.fromkeys(lens, value), "token_acc": dict.fromkeys(lens, 1.0)}
+                    for step, value in ((0, 0.0), (10, final))]
+            (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    train.write_summary(tmp_path, ["copy", "mqar"])
+    table = (tmp_path / "summary.md").read_text()
+    assert "| copy | 2 | 0.750 ± 0.354 @16 | 0.750 ± 0.354 @32 | 1.000 ± 0.000 @16" in table
+    assert "| mqar | 2 | 0.250 ± 0.000 @8 | 0.250 ± 0.000 @16 |" in table
+    assert (tmp_path / "summary_final.png").stat().st_size > 0
+
+
 def test_presets_expand_to_the_paper_grids():
     assert len(train.PRESETS["ablation"][2]) == 32  # 16 on/off combinations × 2 architectures
     ablation = {name: train.resolve_config({**train.PRESETS["ablation"][1], **flags})

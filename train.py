@@ -79,7 +79,8 @@ def presets(scale):
         "linattn": (f"Fig. 5: layer {target + 1} of {depth} as linear attention (head dim 8/32/1024) vs mimetic "
                     "Mamba 2 there with N = 32 / 64", dict(base, n_layers=depth, **m2),
                     {**{f"linear{k}": dict(pattern=hybrid("L"), linear_head_dim=k) for k in (8, 32, 1024)},
-                     **{f"mamba_N{n}_mimetic_l{target}": dict(d_state=n, mimetic_layers=str(target)) for n in (32, 64)}}),
+                     **{f"mamba_N{n}_mimetic_l{target}": dict(d_state=n, mimetic_layers=str(target))
+                        for n in (32, 64)}}),
         "statesize": ("Fig. 7: Mamba 2 with state size N = 16…256, default vs mimetic", dict(base, **m2),
                       {f"N{n}_{init}": dict(d_state=n, **inits[init])
                        for n in (16, 32, 64, 128, 256) for init in ("default", "mimetic")}),
@@ -476,28 +477,32 @@ def run_sweep(configs, seeds, out):
 
 
 def write_summary(out, names):
-    """summary.csv / summary.md: mean ± std over seeds of the final exact match per eval length; summary.png
-    (curves) and summary_final.png (bars)."""
+    """summary.csv / summary.md: mean ± std over seeds of the final exact match and token accuracy per eval
+    length; summary.png (curves) and summary_final.png (bars)."""
     groups = [load_run_group(out / name) for name in names if list((out / name).glob("*/metrics.jsonl"))]
+    lens = [list(runs[0][-1]["exact_match"]) for _, _, runs in groups]
+    same = all(group_lens == lens[0] for group_lens in lens)  # else each cell names its length (e.g. mqar's)
     rows, table = [], []
-    for label, _, runs in groups:
+    for (label, _, runs), group_lens in zip(groups, lens):
         finals = [r[-1] for r in runs]
         row, cells = {"config": label, "seeds": len(runs)}, [label, str(len(runs))]
-        for n in finals[0]["exact_match"]:
-            em = torch.tensor([f["exact_match"][n] for f in finals])
-            std = em.std().item() if len(em) > 1 else 0.0
-            row[f"exact_match@{n}_mean"], row[f"exact_match@{n}_std"] = round(em.mean().item(), 4), round(std, 4)
-            cells.append(f"{em.mean():.3f} ± {std:.3f}")
+        for metric in ("exact_match", "token_acc"):
+            for n in group_lens:
+                values = torch.tensor([f[metric][n] for f in finals])
+                mean, std = values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+                row[f"{metric}@{n}_mean"], row[f"{metric}@{n}_std"] = round(mean, 4), round(std, 4)
+                cells.append(f"{mean:.3f} ± {std:.3f}" + ("" if same else f" @{n}"))
         rows.append(row)
         table.append("| " + " | ".join(cells) + " |")
-    lens = list(groups[0][2][0][-1]["exact_match"])
-    table = ["| config | seeds | " + " | ".join(f"exact match @{n}" for n in lens) + " |",
-             "|---" * (2 + len(lens)) + "|"] + table
+    columns = [f"{metric} @{n}" if same else f"{metric}, eval length {k + 1}" for metric in ("exact match", "token acc")
+               for k, n in enumerate(lens[0])]
+    table = ["| config | seeds | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"] + table
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "summary.md").write_text("Final exact match, mean ± std over seeds\n\n" + "\n".join(table) + "\n")
+    heading = "Final exact match and token accuracy, mean ± std over seeds"
+    (out / "summary.md").write_text(heading + "\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
     plot_accuracy(groups, out / "summary.png", out.name)
     plot_final(groups, out / "summary_final.png", f"{out.name}: mean ± std over seeds")
