@@ -336,7 +336,7 @@ def plot_final(groups, path, title=""):
     """Final exact match per group (mean ± std over seeds), one bar per eval length: for grids such as the
     ablation, where curves would overlap."""
     lens = sorted({int(n) for _, _, runs in groups for n in runs[0][-1]["exact_match"]})
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(groups) * len(lens)), 4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1 + 0.18 * len(groups) * len(lens)), 4))
     width = 0.8 / len(lens)
     for i, length in enumerate(lens):
         finals = [torch.tensor([rows[-1]["exact_match"].get(str(length), float("nan")) for rows in runs])
