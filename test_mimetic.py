@@ -900,6 +900,9 @@ def test_cli_smoke_writes_every_output_and_plot_overlays_runs(tmp_path, capsys):
     figure = tmp_path / "compare.png"
     train.main(["plot", str(tmp_path / "default"), str(tmp_path / "mimetic"), "--out", str(figure)])
     assert figure.stat().st_size > 0
+    bars = tmp_path / "bars.png"
+    train.main(["plot", "--final", "--metric", "token_acc", str(tmp_path / "default"), "--out", str(bars)])
+    assert bars.stat().st_size > 0
 
 
 def test_ctrl_c_stops_cleanly_and_writes_the_outputs_so_far(tmp_path):

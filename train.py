@@ -302,9 +302,10 @@ def load_run_group(folder):
                                      if line.strip()] for s in seeds]
 
 
-def plot_accuracy(groups, path, title=""):
+def plot_accuracy(groups, path, title="", metric="exact_match"):
     """groups: (label, train_len, [rows per seed]); mean ± std band over seeds (truncated to the shortest).
-    Panel k shows each group's k-th eval length beyond its train length (solid) and its train length (dotted)."""
+    Panel k shows each group's k-th eval length beyond its train length (solid) and its train length (dotted);
+    metric: exact_match or token_acc."""
     def longer(train_len, runs):
         return [int(n) for n in runs[0][0]["exact_match"] if int(n) != train_len] or [train_len]
     shown = [longer(train_len, runs) for _, train_len, runs in groups]
@@ -317,13 +318,13 @@ def plot_accuracy(groups, path, title=""):
             for at, style in ((train_len, ":"), (length, "-")):
                 if str(at) not in runs[0][0]["exact_match"]:
                     continue
-                acc = torch.tensor([[r["exact_match"][str(at)] for r in rows[:n]] for rows in runs])
+                acc = torch.tensor([[r[metric][str(at)] for r in rows[:n]] for rows in runs])
                 mean, std = acc.mean(0), acc.std(0) if len(runs) > 1 else torch.zeros(n)
                 ax.plot(steps, mean, style, color=colour, label=f"{label} @{at}")
                 ax.fill_between(steps, (mean - std).clamp(min=0), (mean + std).clamp(max=1), color=colour, alpha=0.15)
     for k, ax in enumerate(axes[0]):
         at = {(train_len, lengths[k]) for (_, train_len, _), lengths in zip(groups, shown) if k < len(lengths)}
-        ax.set(xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02),
+        ax.set(xlabel="step", ylabel=metric.replace("_", " "), ylim=(-0.02, 1.02),
                title="dotted: {}, solid: {}".format(*next(iter(at))) if len(at) == 1 else "dotted: train length")
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -332,21 +333,21 @@ def plot_accuracy(groups, path, title=""):
     plt.close(fig)
 
 
-def plot_final(groups, path, title=""):
-    """Final exact match per group (mean ± std over seeds), one bar per eval length: for grids such as the
-    ablation, where curves would overlap."""
+def plot_final(groups, path, title="", metric="exact_match"):
+    """Final exact match (or token_acc) per group, mean ± std over seeds, one bar per eval length: for grids
+    such as the ablation, where curves would overlap."""
     lens = sorted({int(n) for _, _, runs in groups for n in runs[0][-1]["exact_match"]})
     fig, ax = plt.subplots(figsize=(max(5.0, 1 + 0.18 * len(groups) * len(lens)), 4))
     width = 0.8 / len(lens)
     for i, length in enumerate(lens):
-        finals = [torch.tensor([rows[-1]["exact_match"].get(str(length), float("nan")) for rows in runs])
+        finals = [torch.tensor([rows[-1][metric].get(str(length), float("nan")) for rows in runs])
                   for _, _, runs in groups]
         means = [f.mean().item() for f in finals]
         stds = [f.std().item() if len(f) > 1 else 0.0 for f in finals]
         ax.bar([g + (i - (len(lens) - 1) / 2) * width for g in range(len(groups))], means, width, yerr=stds,
                capsize=2, label=f"@{length}")
     ax.set_xticks(range(len(groups)), [label for label, _, _ in groups], rotation=60, ha="right", fontsize=8)
-    ax.set(ylabel="final exact match", ylim=(0, 1.02), title=title)
+    ax.set(ylabel=f"final {metric.replace('_', ' ')}", ylim=(0, 1.02), title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -523,10 +524,12 @@ def main(argv=None):
         parser = argparse.ArgumentParser(prog="train.py plot", description="overlay the accuracy of run folders")
         parser.add_argument("runs", nargs="+", help="run folders, or folders of seed subfolders (mean ± std)")
         parser.add_argument("--out", default="accuracy_compare.png", help="figure path (default: %(default)s)")
-        parser.add_argument("--final", action="store_true", help="bars of the final exact match, not curves")
+        parser.add_argument("--final", action="store_true", help="bars of the final values, not curves")
+        parser.add_argument("--metric", default="exact_match", choices=("exact_match", "token_acc"))
         args = parser.parse_args(argv[1:])
         try:
-            (plot_final if args.final else plot_accuracy)([load_run_group(r) for r in args.runs], args.out)
+            plot = plot_final if args.final else plot_accuracy
+            plot([load_run_group(r) for r in args.runs], args.out, metric=args.metric)
         except (ValueError, OSError) as e:
             fail(e)
         print(f"wrote {args.out}")
