@@ -326,7 +326,7 @@ def plot_accuracy(groups, path, title="", metric="exact_match"):
         at = {(train_len, lengths[k]) for (_, train_len, _), lengths in zip(groups, shown) if k < len(lengths)}
         ax.set(xlabel="step", ylabel=metric.replace("_", " "), ylim=(-0.02, 1.02),
                title="dotted: {}, solid: {}".format(*next(iter(at))) if len(at) == 1 else "dotted: train length")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=1 + len(groups) // 8)  # a 32-config grid still fits
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
