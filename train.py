@@ -333,6 +333,12 @@ def plot_accuracy(groups, path, title="", metric="exact_match"):
     plt.close(fig)
 
 
+def final_mean_std(runs, metric, length):
+    """Mean and std over seeds of the last row's metric at `length` (std 0 for one seed, nan if not evaluated)."""
+    values = torch.tensor([rows[-1][metric].get(str(length), float("nan")) for rows in runs])
+    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+
+
 def plot_final(groups, path, title="", metric="exact_match"):
     """Final exact match (or token_acc) per group, mean ± std over seeds, one bar per eval length: for grids
     such as the ablation, where curves would overlap."""
@@ -340,10 +346,7 @@ def plot_final(groups, path, title="", metric="exact_match"):
     fig, ax = plt.subplots(figsize=(max(5.0, 1 + 0.18 * len(groups) * len(lens)), 4))
     width = 0.8 / len(lens)
     for i, length in enumerate(lens):
-        finals = [torch.tensor([rows[-1][metric].get(str(length), float("nan")) for rows in runs])
-                  for _, _, runs in groups]
-        means = [f.mean().item() for f in finals]
-        stds = [f.std().item() if len(f) > 1 else 0.0 for f in finals]
+        means, stds = zip(*(final_mean_std(runs, metric, length) for _, _, runs in groups))
         ax.bar([g + (i - (len(lens) - 1) / 2) * width for g in range(len(groups))], means, width, yerr=stds,
                capsize=2, label=f"@{length}")
     ax.set_xticks(range(len(groups)), [label for label, _, _ in groups], rotation=60, ha="right", fontsize=8)
@@ -485,12 +488,10 @@ def write_summary(out, names):
     same = all(group_lens == lens[0] for group_lens in lens)  # else each cell names its length (e.g. mqar's)
     rows, table = [], []
     for (label, _, runs), group_lens in zip(groups, lens):
-        finals = [r[-1] for r in runs]
         row, cells = {"config": label, "seeds": len(runs)}, [label, str(len(runs))]
         for metric in ("exact_match", "token_acc"):
             for n in group_lens:
-                values = torch.tensor([f[metric][n] for f in finals])
-                mean, std = values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+                mean, std = final_mean_std(runs, metric, n)
                 row[f"{metric}@{n}_mean"], row[f"{metric}@{n}_std"] = round(mean, 4), round(std, 4)
                 cells.append(f"{mean:.3f} ± {std:.3f}" + ("" if same else f" @{n}"))
         rows.append(row)
