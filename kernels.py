@@ -488,9 +488,16 @@ def _segsum(x):
     return xs.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
 
 
-def _ssd_torch(x, dl, A, B, C, Q):
-    """Chunked SSD in the math dtype. x (b, L, H, P); dl = Δ (b, L, H); A (H,); B, C (b, L, G, N)."""
+@torch.compiler.disable  # Inductor's CPU code for its backward with dynamic shapes corrupts memory (torch 2.13)
+def _ssd_torch(x, dl, A, B, C, Q, need_state):
+    """Chunked SSD in the math dtype. x (b, L, H, P); dl = Δ (b, L, H); A (H,); B, C (b, L, G, N).
+
+    Returns y and, if need_state, the last state (b, H, P, N). A sequence no longer than Q is one chunk of
+    its own length: padding it to Q would make most of the (Q, Q) work padding (the CPU main job's 5–34
+    tokens against Q = 64), and one chunk needs no state passed between chunks.
+    """
     (b, L, H, P), (G, N) = x.shape, B.shape[2:]
+    Q = min(Q, L)
     pad = -L % Q  # padded steps have Δ = 0: decay 1 and no input, so they leave the state alone
     pad_time = lambda t: F.pad(t, [0, 0] * (t.dim() - 2) + [0, pad])
     nc, R = (L + pad) // Q, H // G
@@ -503,6 +510,8 @@ def _ssd_torch(x, dl, A, B, C, Q):
     CB = torch.einsum("bcign,bcjgn->bgcij", C, B)  # (b, G, nc, Q, Q)
     y = torch.einsum("bgcij,bgrcij,bcjgrp->bcigrp", CB, seg.exp(), xdt)  # (b, nc, Q, G, R, P)
     # (einsum operands are ordered so that contracting left to right never builds a (.., N, R) tensor)
+    if nc == 1 and not need_state:
+        return y.reshape(b, Q, H, P)[:, :L], None
     # 2. what each chunk adds to the state at its end
     S = torch.einsum("bgrcj,bcjgrp,bcjgn->bcgrpn", seg[..., -1, :].exp(), xdt, B)  # (b, nc, G, R, P, N)
     # 3. pass states across chunks: h_c = exp(sum of the chunk's Δ A) h_{c-1} + S_c
@@ -512,8 +521,9 @@ def _ssd_torch(x, dl, A, B, C, Q):
     for c in range(nc):
         starts.append(h)
         h = chunk_decay[:, :, :, c] * h + S[:, c]
-    # 4. the state entering each chunk, decayed to step i and read out by C_i
-    y = y + torch.einsum("bcign,bcgrpn,bgrci->bcigrp", C, torch.stack(starts, 1), cs.exp())
+    # 4. the state entering each chunk (zero for the first), decayed to step i and read out by C_i
+    if nc > 1:
+        y = y + torch.einsum("bcign,bcgrpn,bgrci->bcigrp", C, torch.stack(starts, 1), cs.exp())
     return y.reshape(b, nc * Q, H, P)[:, :L], h.reshape(b, H, P, N)
 
 
@@ -553,7 +563,7 @@ def ssd_scan(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, chunk_s
         f = _math_dtype(x.dtype)
         dl = _delta(dt.to(f).transpose(1, 2), None if dt_bias is None else dt_bias.to(f), dt_softplus).transpose(1, 2)
         with torch.autocast(x.device.type, enabled=False):  # keep fp32 einsums inside mixed-precision regions
-            y, last = _ssd_torch(x.to(f), dl, A.to(f), B.to(f), C.to(f), chunk_size)
+            y, last = _ssd_torch(x.to(f), dl, A.to(f), B.to(f), C.to(f), chunk_size, return_last_state)
         if D is not None:
             y = y + D.to(f)[:, None] * x.to(f)
         y = y.to(x.dtype)

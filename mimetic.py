@@ -107,6 +107,19 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Selective state space layers
 
+def causal_conv1d(x, weight, bias):
+    """Depthwise causal conv over time, in the (b, L, C) layout the projections produce:
+    out[:, t, c] = bias[c] + Σ_k weight[c, 0, k] · x[:, t − (K−1) + k, c], with x = 0 before the start.
+    The same numbers as nn.Conv1d(groups=C, padding=K−1) cut to L steps; as K multiply-adds it skips two
+    transposes and conv's slow backward, several times faster on short sequences."""
+    K, L = weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, K - 1, 0))  # (b, K − 1 + L, C)
+    taps = weight[:, 0].T  # (K, C): taps[K − 1] multiplies the current token
+    out = padded[:, :L] * taps[0] if bias is None else torch.addcmul(bias, padded[:, :L], taps[0])
+    for k in range(1, K):
+        out = torch.addcmul(out, padded[:, k:k + L], taps[k])
+    return out
+
 def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
     if not 0 < dt_min <= dt_max:
@@ -173,12 +186,11 @@ class Mamba1(SelectiveSSM):
     def ssm_inputs(self, hidden_states):
         """(b, L, d_model) → x (b, D, L) after conv and SiLU, dt (b, D, L) before its bias, B, C (b, N, L), z."""
         _check_input(hidden_states, self.d_model)
-        L = hidden_states.shape[1]
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, D, L) each
-        x = F.silu(self.conv1d(x)[..., :L])  # causal: the first L outputs of the padded conv
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (b, D, L); the bias is added in the scan
-        return x, dt, B.transpose(1, 2), C.transpose(1, 2), z
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
+        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.T  # (b, L, D); the bias is added in the scan
+        return tuple(t.transpose(1, 2) for t in (x, dt, B, C, z))  # (b, D or N, L): time last, as the scan wants
 
     def ssm_params(self, hidden_states):
         """Δ (b, D, L), A (D, N), B, C (b, 1, N, L): everything Eq. 8 needs, per channel."""
@@ -216,25 +228,24 @@ class Mamba2(SelectiveSSM):
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
     def ssm_inputs(self, hidden_states):
-        """(b, L, d_model) → z (b, L, D), x (b, L, H, P), B, C (b, L, G, N), dt (b, L, H) before its bias."""
+        """(b, L, d_model) → x (b, L, H, P), dt (b, L, H) before its bias, B, C (b, L, G, N), z (b, L, D)."""
         _check_input(hidden_states, self.d_model)
-        b, L, _ = hidden_states.shape
         D, GN = self.d_inner, self.ngroups * self.d_state
         z, xBC, dt = self.in_proj(hidden_states).split([D, D + 2 * GN, self.nheads], dim=-1)
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2)  # (b, L, D + 2GN)
+        xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))  # (b, L, D + 2GN)
         x, B, C = xBC.split([D, GN, GN], dim=-1)
-        return (z, x.reshape(b, L, self.nheads, self.headdim),
-                B.reshape(b, L, self.ngroups, self.d_state), C.reshape(b, L, self.ngroups, self.d_state), dt)
+        return (x.unflatten(-1, (self.nheads, self.headdim)), dt, B.unflatten(-1, (self.ngroups, self.d_state)),
+                C.unflatten(-1, (self.ngroups, self.d_state)), z)
 
     def ssm_params(self, hidden_states):
         """Δ (b, H, L), A (H, N), B, C (b, G, N, L): Eq. 8 per head, A the same for all N (§2)."""
-        _, _, B, C, dt = self.ssm_inputs(hidden_states)
+        _, dt, B, C, _ = self.ssm_inputs(hidden_states)
         delta = F.softplus(dt + self.dt_bias).transpose(1, 2)  # (b, H, L)
         A = self.A[:, None].expand(self.nheads, self.d_state)  # (H, N)
         return delta, A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
 
     def forward(self, hidden_states):
-        z, x, B, C, dt = self.ssm_inputs(hidden_states)
+        x, dt, B, C, z = self.ssm_inputs(hidden_states)
         y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
         y = self.norm(y.reshape(*z.shape), z)  # (b, L, D)
         return self.out_proj(y)

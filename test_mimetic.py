@@ -290,7 +290,7 @@ def test_attention_matrix_times_x_is_the_scan(cls):
         x = layer.ssm_inputs(h)[0]  # (b, D, L)
         assert rel_err(torch.einsum("bdij,bdj->bdi", M, x), mimetic.selective_scan_loop(x, delta, A, B, C)) < 1e-5
     else:
-        x = layer.ssm_inputs(h)[1]  # (b, L, H, P): every channel of a head shares its M
+        x = layer.ssm_inputs(h)[0]  # (b, L, H, P): every channel of a head shares its M
         P = layer.headdim
         y = mimetic.selective_scan_loop(x.permute(0, 2, 3, 1).flatten(1, 2), delta.repeat_interleave(P, 1),
                                         A.repeat_interleave(P, 0), B, C)

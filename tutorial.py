@@ -298,7 +298,7 @@ layer2 = Mamba2(d_model=32, d_state=16, headdim=16, chunk_size=8)  # D = 64, H =
 hidden = torch.randn(2, 24, 32)  # T = 24 = 3 chunks of 8
 
 with torch.no_grad():
-    z2, X2, B2, C2, dt2 = layer2.ssm_inputs(hidden)  # X2: (b, T, H, P); B2, C2: (b, T, G=1, N)
+    X2, dt2, B2, C2, z2 = layer2.ssm_inputs(hidden)  # X2: (b, T, H, P); B2, C2: (b, T, G=1, N)
     delta2, A2, _, _ = layer2.ssm_params(hidden)  # Δ (b, H, T); A (H, N), constant along N
     M2 = attention_matrix(layer2, hidden)  # (b, H, T, T)
     y_heads = torch.einsum("bhij,bjhp->bihp", M2, X2)  # each head attends with its own M_h
