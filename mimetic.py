@@ -19,20 +19,38 @@ Glossary (code → paper):
   attention_map / _mask               channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
 
 Reading order: the selective scan (the spec), norms, Mamba 1, Mamba 2, baselines, the LM, mimetic init,
-attention maps, tasks. Uses kernels.py (fast scans) when it is importable, its own short loop otherwise.
+attention maps, tasks. Uses the kernels.py beside this file (fast scans) when there is one, its own short
+loop otherwise.
 """
+import importlib.util
 import math
+import sys
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import kernels
-except ImportError:  # mimetic.py copied alone: the pure-PyTorch loop below does the work
-    kernels = None
 
+def _companion_kernels():
+    """The kernels.py in this file's folder, loaded by path under a private name: another module called
+    `kernels` (the Hugging Face kernel hub's is one) is never used, and never shadowed. A kernels.py that
+    is not ours is not even run. None when mimetic.py was copied alone: its own loops do the work."""
+    path = Path(__file__).with_name("kernels.py")
+    if not path.is_file():
+        return None
+    if "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
+        warnings.warn(f"{path} is not mimetic's kernels.py; mimetic.py uses its own PyTorch loops")
+        return None
+    spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+kernels = _companion_kernels()
 use_kernels = kernels is not None  # set False to force the readable loop (tests compare the two)
 SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimetic dt bias (§3.1)
 

@@ -1,0 +1,104 @@
+"""What readers do with the repository: copy mimetic.py alone into their project, run the README's library
+example, execute the tutorial as a notebook."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HERE
+
+# ---------------------------------------------------------------------------------------------------
+# mimetic.py is the file people copy: it must work alone
+
+FOREIGN_KERNELS = "raise RuntimeError('a module named kernels that is not ours ran')\n"
+
+
+def run_python(code, cwd, pythonpath=""):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": pythonpath})
+
+
+@pytest.mark.long
+def test_mimetic_py_alone_trains_and_ignores_other_kernels_modules(tmp_path):
+    """Copied alone into a project where another `kernels` is importable (the Hugging Face kernel hub's is
+    on PyPI under that name), mimetic.py neither runs it nor uses it: its own loops train the model."""
+    project, elsewhere = tmp_path / "project", tmp_path / "site"
+    (elsewhere / "kernels").mkdir(parents=True)
+    (elsewhere / "kernels" / "__init__.py").write_text(FOREIGN_KERNELS)
+    project.mkdir()
+    shutil.copy(os.path.join(HERE, "mimetic.py"), project)
+    script = """
+import sys, torch, mimetic
+assert mimetic.kernels is None and not mimetic.use_kernels and mimetic.__file__.startswith(sys.path[1])
+torch.manual_seed(0)
+for arch in ("mamba1", "mamba2"):
+    model = mimetic.mimetic_init_(mimetic.LM(mimetic.ModelConfig(vocab_size=8, d_model=16, n_layers=2, arch=arch, headdim=8, d_state=8)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 8, (8, 12))
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+print("ok")
+"""
+    out = run_python(script.replace("sys.path[1]", repr(str(project))), project, pythonpath=str(elsewhere))
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_a_kernels_py_beside_mimetic_that_is_not_ours_is_not_run(tmp_path):
+    shutil.copy(os.path.join(HERE, "mimetic.py"), tmp_path)
+    (tmp_path / "kernels.py").write_text(FOREIGN_KERNELS)
+    out = run_python("import mimetic; assert mimetic.kernels is None; print('ok')", tmp_path)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert "is not mimetic's kernels.py" in out.stderr  # one warning says why the fast path is off
+
+
+@pytest.mark.long
+def test_install_claims_only_the_name_mimetic(tmp_path):
+    """pip install -e . into a fresh environment: `import kernels` still finds the other package of that
+    name, train.py is no module, and mimetic.py still finds its own kernels.py, from any folder."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "-e", HERE], capture_output=True,
+                         text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    os.makedirs(os.path.join(site, "kernels"))
+    with open(os.path.join(site, "kernels", "__init__.py"), "w") as f:
+        f.write("WHOSE = 'the other package'\n")
+    code = """
+import importlib.util, os, kernels, mimetic
+assert kernels.WHOSE == 'the other package'
+assert mimetic.use_kernels and os.path.dirname(mimetic.kernels.__file__) == os.path.dirname(mimetic.__file__)
+assert mimetic.kernels.__name__ != 'kernels' and importlib.util.find_spec('train') is None
+print('ok')
+"""
+    out = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.long
+def test_readme_library_example_runs():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    namespace = {}
+    exec(re.search(r"```python\n(.*?)```", readme, re.S).group(1), namespace)
+    assert len(namespace["maps"]) == 4 and namespace["maps"][0].shape == (32, 41, 41)
+    assert namespace["model"].layers[0].mixer.mimetic_c.item() == 8.0
+
+
+@pytest.mark.long
+def test_tutorial_executes_as_a_notebook(tmp_path):
+    """tutorial.py asserts each of its claims; CI runs it the way readers do, as a notebook."""
+    for name in ("tutorial.py", "mimetic.py", "kernels.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    out = subprocess.run(["jupytext", "--to", "ipynb", "--execute", "tutorial.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "tutorial.ipynb").stat().st_size > 10_000  # executed, with its figures

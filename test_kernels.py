@@ -1,0 +1,316 @@
+"""kernels.py: every backend of selective_scan and ssd_scan against the reference loop, gradients included,
+and clear errors on bad input. The Triton kernels run in Triton's interpreter on a machine without a GPU."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from conftest import HERE, rel_err
+
+# ---------------------------------------------------------------------------------------------------
+# kernels.py: every backend against the reference loop, gradients included
+
+CUDA = torch.cuda.is_available()
+TRITON_OK = kernels.triton is not None and (CUDA or kernels._INTERPRETED)
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton missing, or interpreter not on for CPU")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+def scan_inputs(b=2, dim=8, N=5, L=37, G=2, z=True, D=True, bias=True, dtype=torch.float32, device="cpu",
+                seed=0):
+    """Inputs of selective_scan; G=None gives ungrouped B, C of shape (b, N, L)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=gen)
+    bc = (b, N, L) if G is None else (b, G, N, L)
+    x = dict(u=r(b, dim, L), delta=r(b, dim, L, scale=0.5), A=-torch.exp(r(dim, N, scale=0.5)), B=r(*bc), C=r(*bc),
+             D=r(dim) if D else None, z=r(b, dim, L) if z else None, delta_bias=r(dim, scale=0.3) if bias else None)
+    act = ("u", "delta", "B", "C", "z")  # activations take `dtype`; A, D, delta_bias stay fp32 as in Mamba
+    return {k: None if v is None else v.to(device, dtype if k in act else torch.float32) for k, v in x.items()}
+
+
+def run_scan(inputs, backend, softplus=True, seed=1, autocast=False):
+    """Output, last state and the gradient of every input for a fixed random linear loss."""
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # forward only, as PyTorch advises
+        y, last = kernels.selective_scan(**leaves, delta_softplus=softplus, return_last_state=True, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    wy, wl = (torch.randn(t.shape, generator=gen).to(t.device) for t in (y, last))
+    ((y.float() * wy).sum() + (last * wl).sum()).backward()
+    return {"y": y, "last": last, **{"d" + k: v.grad for k, v in leaves.items() if v is not None}}
+
+
+def assert_all_close(got, want, tol):
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert rel_err(got[k], want[k]) <= tol, (k, rel_err(got[k], want[k]))
+
+
+# ----------------------------------------------------------------------------- the reference itself
+
+
+def test_ref_matches_hand_computed_two_steps():
+    u, delta = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[0.5, 0.25]]])
+    A, B, C = torch.tensor([[-2.0]]), torch.tensor([[[3.0, -1.0]]]), torch.tensor([[[0.5, 2.0]]])
+    D, z = torch.tensor([0.1]), torch.tensor([[[0.0, 1.0]]])
+    h0 = 0.5 * 3.0 * 1.0
+    h1 = torch.exp(torch.tensor(0.25 * -2.0)) * h0 + 0.25 * -1.0 * 2.0
+    y1 = (2.0 * h1 + 0.1 * 2.0) * torch.sigmoid(torch.tensor(1.0))  # gated by silu(1) = sigmoid(1)
+    want = torch.stack([torch.tensor(0.0), y1])  # silu(0) = 0 gates the first step off
+    y, last = kernels.selective_scan(u, delta, A, B, C, D, z, return_last_state=True, backend="ref")
+    torch.testing.assert_close(y.flatten(), want)
+    torch.testing.assert_close(last.flatten(), h1.reshape(1))
+
+
+# ----------------------------------------------------------------------------- PyTorch backend
+
+SCAN_CASES = [  # L=37 spans chunks of 8 with a remainder; L=16 ends exactly on a chunk; L=1 is one step
+    dict(G=None, z=True, D=True, bias=True, softplus=True, L=37),
+    dict(G=1, z=False, D=False, bias=False, softplus=False, L=37),
+    dict(G=2, z=True, D=True, bias=True, softplus=True, L=16),
+    dict(G=2, z=False, D=True, bias=False, softplus=True, L=1),
+]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES)
+@pytest.mark.parametrize("step_by_step", [False, True], ids=["doubling", "sequential"])
+def test_torch_backend_matches_ref(case, step_by_step, monkeypatch):
+    monkeypatch.setattr(kernels, "TORCH_CHUNK", 8)
+    monkeypatch.setattr(kernels, "SEQUENTIAL_MIN", 1 if step_by_step else 1 << 40)
+    case = dict(case)
+    softplus = case.pop("softplus")
+    inputs = scan_inputs(**case)
+    assert_all_close(run_scan(inputs, "torch", softplus), run_scan(inputs, "ref", softplus), 1e-5)
+
+
+@pytest.mark.parametrize("step_by_step", [False, True], ids=["doubling", "sequential"])
+def test_torch_backend_gradcheck_fp64(step_by_step, monkeypatch):
+    monkeypatch.setattr(kernels, "TORCH_CHUNK", 3)
+    monkeypatch.setattr(kernels, "SEQUENTIAL_MIN", 1 if step_by_step else 1 << 40)
+    x = scan_inputs(b=1, dim=4, N=3, L=7, G=2, dtype=torch.float64)
+    x = {k: v.double().requires_grad_() for k, v in x.items()}
+    fn = lambda *args: kernels.selective_scan(*args, delta_softplus=True, return_last_state=True, backend="torch")
+    assert torch.autograd.gradcheck(fn, tuple(x[k] for k in SCAN_ARGS), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_torch_backend_saves_chunk_states_not_all_states(monkeypatch):
+    monkeypatch.setattr(kernels, "TORCH_CHUNK", 64)
+    b, dim, N, L = 2, 8, 16, 512
+    x = {k: v.requires_grad_() for k, v in scan_inputs(b=b, dim=dim, N=N, L=L, G=1).items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = kernels.selective_scan(**x, delta_softplus=True, backend="torch")
+    beyond_inputs = sum(saved) - sum(v.numel() for v in x.values())
+    assert 0 < beyond_inputs <= (L // 64) * b * dim * N  # one state per chunk, not one per step
+    y.sum().backward()
+    assert x["A"].grad.abs().sum() > 0
+
+
+def test_default_backend_on_cpu_is_torch():
+    if CUDA:
+        pytest.skip("on a GPU the default is triton")
+    x = scan_inputs()
+    assert torch.equal(kernels.selective_scan(**x, backend=None), kernels.selective_scan(**x, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_backend_low_precision(dtype):
+    x = scan_inputs(L=40, dtype=dtype)
+    got = run_scan(x, "torch")
+    want = run_scan({k: None if v is None else v.float() for k, v in x.items()}, "ref")
+    assert got["y"].dtype == dtype and got["du"].dtype == dtype and got["dA"].dtype == torch.float32
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k], rtol=3e-2, atol=5e-2)
+
+
+def test_math_stays_fp32_under_autocast():
+    x, xs = scan_inputs(L=20), ssd_inputs(L=20)
+    want, want_ssd = run_scan(x, "torch"), run_ssd(xs, "torch")
+    got, got_ssd = run_scan(x, "torch", autocast=True), run_ssd(xs, "torch", autocast=True)
+    assert_all_close(got, want, 1e-6)
+    assert_all_close(got_ssd, want_ssd, 1e-6)
+
+
+# ----------------------------------------------------------------------------- Triton backend
+
+TRITON_CASES = [  # few and tiny: the interpreter is slow. N=5 is padded to 8 lanes inside the kernel
+    dict(G=None, z=True, D=True, bias=True, softplus=True, L=37),
+    dict(G=2, z=False, D=False, bias=False, softplus=False, L=20),
+    dict(G=2, z=True, D=False, bias=True, softplus=True, L=16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_backend_matches_ref(case, device, monkeypatch):
+    monkeypatch.setattr(kernels, "TRITON_CHUNK", 16)  # L=37: chunks of 16, 16 and 5
+    case = dict(case)
+    softplus = case.pop("softplus")
+    inputs = scan_inputs(**case, device=device)
+    assert_all_close(run_scan(inputs, "triton", softplus), run_scan(inputs, "ref", softplus), 1e-5)
+
+
+@needs_triton
+def test_triton_backend_bf16(device):
+    x = scan_inputs(L=21, dtype=torch.bfloat16, device=device)
+    got = run_scan(x, "triton")
+    want = run_scan({k: None if v is None else v.float() for k, v in x.items()}, "ref")
+    assert got["y"].dtype == torch.bfloat16 and got["dB"].dtype == torch.bfloat16
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k], rtol=3e-2, atol=5e-2)
+
+
+@needs_triton
+def test_triton_backend_rejects_fp64():
+    with pytest.raises(ValueError, match="fp64"):
+        kernels.selective_scan(**scan_inputs(dtype=torch.float64), backend="triton")
+
+
+# ----------------------------------------------------------------------------- SSD (Mamba2)
+
+
+def ssd_inputs(b=2, L=45, H=4, P=3, G=2, N=5, D=True, bias=True, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=gen)
+    x = dict(x=r(b, L, H, P), dt=r(b, L, H, scale=0.5), A=-torch.exp(r(H, scale=0.5)), B=r(b, L, G, N),
+             C=r(b, L, G, N), D=r(H) if D else None, dt_bias=r(H, scale=0.3) if bias else None)
+    act = ("x", "dt", "B", "C")
+    return {k: None if v is None else v.to(device, dtype if k in act else torch.float32) for k, v in x.items()}
+
+
+def run_ssd(inputs, backend, softplus=True, chunk_size=16, seed=1, autocast=False):
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, last = kernels.ssd_scan(**leaves, dt_softplus=softplus, chunk_size=chunk_size, return_last_state=True,
+                                   backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    wy, wl = (torch.randn(t.shape, generator=gen).to(t.device) for t in (y, last))
+    ((y.float() * wy).sum() + (last * wl).sum()).backward()
+    return {"y": y, "last": last, **{"d" + k: v.grad for k, v in leaves.items() if v is not None}}
+
+
+@pytest.mark.parametrize("G", [1, 2])
+@pytest.mark.parametrize("L", [45, 32, 5])  # not a multiple of chunk_size=16, a multiple, shorter than one chunk
+@pytest.mark.parametrize("extras", [True, False], ids=["D-bias-softplus", "plain"])
+def test_ssd_torch_matches_ref(G, L, extras):
+    x = ssd_inputs(L=L, G=G, D=extras, bias=extras)
+    assert_all_close(run_ssd(x, "torch", extras), run_ssd(x, "ref", extras), 1e-5)
+
+
+def test_ssd_ref_is_selective_scan_per_head_channel():
+    x = ssd_inputs(b=1, L=9, H=2, P=2, G=1, N=3)
+    y = kernels.ssd_scan(**x, dt_softplus=True, backend="ref")
+    for h in range(2):
+        for p in range(2):  # one Mamba1 channel with A = A_h in every state entry
+            yc = kernels.selective_scan_ref(
+                x["x"][:, :, h, p][:, None], x["dt"][:, :, h][:, None], x["A"][h].expand(1, 3),
+                x["B"][:, :, 0].transpose(1, 2), x["C"][:, :, 0].transpose(1, 2), x["D"][h:h + 1],
+                delta_bias=x["dt_bias"][h:h + 1], delta_softplus=True)
+            assert rel_err(y[:, :, h, p], yc[:, 0]) <= 1e-6
+
+
+@needs_triton
+def test_ssd_triton_matches_torch(device):
+    x = ssd_inputs(b=1, L=20, H=2, P=2, G=2, N=4, device=device)
+    assert_all_close(run_ssd(x, "triton"), run_ssd(x, "torch"), 1e-5)
+
+
+def test_ssd_bf16():
+    x = ssd_inputs(dtype=torch.bfloat16)
+    got = run_ssd(x, None)
+    want = run_ssd({k: None if v is None else v.float() for k, v in x.items()}, "ref")
+    assert got["y"].dtype == torch.bfloat16 and got["last"].dtype == torch.float32
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k], rtol=3e-2, atol=5e-2)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(A=torch.zeros(8)), r"A must have shape \(dim, N\)"),
+    (dict(A=torch.zeros(7, 5)), r"A must have shape \(dim, N\)"),
+    (dict(B=torch.zeros(2, 3, 5, 37), C=torch.zeros(2, 3, 5, 37)), "not divisible by G"),
+    (dict(C=torch.zeros(2, 2, 5, 36)), r"C must have shape \(batch, G, N, L\) = \(2, 2, 5, 37\)"),
+    (dict(delta=torch.zeros(2, 8, 36)), r"delta must have shape \(batch, dim, L\)"),
+    (dict(z=torch.zeros(2, 8, 37, dtype=torch.float16)), "z has dtype"),
+    (dict(D=torch.zeros(9)), r"D must have shape \(dim,\)"),
+    (dict(delta_bias=torch.zeros(8, 1)), r"delta_bias must have shape \(dim,\)"),
+])
+def test_selective_scan_rejects_bad_inputs(change, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.selective_scan(**{**scan_inputs(), **change}, backend="torch")
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        kernels.selective_scan(**scan_inputs(), backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        kernels.ssd_scan(**ssd_inputs(), backend="fast")
+
+
+def test_ssd_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="not divisible by G"):
+        kernels.ssd_scan(**{**ssd_inputs(), "B": torch.zeros(2, 45, 3, 5), "C": torch.zeros(2, 45, 3, 5)})
+    with pytest.raises(ValueError, match=r"A must have shape \(H,\)"):
+        kernels.ssd_scan(**{**ssd_inputs(), "A": torch.zeros(4, 5)})
+    with pytest.raises(ValueError, match="chunk_size"):
+        kernels.ssd_scan(**ssd_inputs(), chunk_size=0)
+
+
+def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kernels, "triton", None)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        kernels.selective_scan(**scan_inputs(), backend="triton")
+    x = scan_inputs()
+    assert rel_err(kernels.selective_scan(**x, delta_softplus=True), kernels.selective_scan(**x, backend="ref",
+                                                                                           delta_softplus=True)) < 1e-5
+
+
+@pytest.mark.long
+def test_kernels_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None; import kernels, torch; assert kernels.triton is None; "
+            "y = kernels.selective_scan(torch.randn(1, 2, 3), torch.rand(1, 2, 3), -torch.ones(2, 4), "
+            "torch.randn(1, 4, 3), torch.randn(1, 4, 3)); assert y.shape == (1, 2, 3) and y.isfinite().all()")
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+# ----------------------------------------------------------------------------- GPU only (run on a GPU later)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_matches_torch_long(dtype, device):
+    x = scan_inputs(b=2, dim=64, N=16, L=8192, G=1, dtype=dtype, device=device)
+    got, want = run_scan(x, "triton"), run_scan({k: None if v is None else v.float() for k, v in x.items()}, "torch")
+    for k in want:
+        assert rel_err(got[k].float(), want[k]) <= (1e-5 if dtype == torch.float32 else 2e-2), k
+
+
+@needs_cuda
+def test_gpu_triton_matches_ref_and_is_default(device):
+    x = scan_inputs(b=2, dim=48, N=16, L=300, G=2, device=device)
+    assert_all_close(run_scan(x, None), run_scan(x, "ref"), 1e-5)
+    assert torch.equal(kernels.selective_scan(**x, backend=None), kernels.selective_scan(**x, backend="triton"))
+
+
+@needs_cuda
+def test_gpu_ssd_long(device):
+    x = ssd_inputs(b=2, L=2000, H=8, P=16, G=2, N=32, device=device)
+    assert_all_close(run_ssd(x, "torch", chunk_size=64), run_ssd(x, "triton", chunk_size=64), 1e-5)
+
+
+@needs_cuda
+def test_gpu_matches_mamba_ssm(device):
+    sscan = pytest.importorskip("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
+    x = scan_inputs(b=2, dim=64, N=16, L=1000, G=1, device=device)
+    got = kernels.selective_scan(**x, delta_softplus=True, backend="triton")
+    assert rel_err(got, sscan(**x, delta_softplus=True)) <= 1e-5
