@@ -32,12 +32,8 @@ Glossary (shapes in comments use these letters):
 All math runs in fp32 (fp64 when the inputs are fp64, for gradcheck), also inside torch.autocast
 regions; outputs take u's (x's) dtype, last states are returned in the math dtype.
 
-`python kernels.py --bench [--device cpu]` prints the timing table (see _bench).
+`python bench.py --only scans` times every backend against the reference (and mamba_ssm's CUDA kernels).
 """
-import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -452,6 +448,10 @@ class _SelectiveScanTriton(torch.autograd.Function):
 # ----------------------------------------------------------------------------- Mamba1 entry point
 
 
+# torch.compile runs both entry points eagerly: their loops over chunks depend on the sequence length, so a
+# compiled model would recompile for every new length, and Inductor's CPU code for the SSD backward with
+# dynamic shapes corrupts memory (torch 2.13). The rest of a compiled model is still compiled.
+@torch.compiler.disable
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, backend=None):
     """Mamba1 selective scan; see the module docstring. Returns y (b, D, L), or (y, last_state (b, D, N))."""
@@ -489,19 +489,20 @@ def _segsum(x):
     return xs.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
 
 
-@torch.compiler.disable  # Inductor's CPU code for its backward with dynamic shapes corrupts memory (torch 2.13)
 def _ssd_torch(x, dl, A, B, C, Q, need_state):
     """Chunked SSD in the math dtype. x (b, L, H, P); dl = Δ (b, L, H); A (H,); B, C (b, L, G, N).
 
-    Returns y and, if need_state, the last state (b, H, P, N). A sequence no longer than Q is one chunk of
-    its own length: padding it to Q would make most of the (Q, Q) work padding (the CPU main job's 5–34
-    tokens against Q = 64), and one chunk needs no state passed between chunks.
+    Returns y and, if need_state, the last state (b, H, P, N). Chunks are at most Q steps, as few as that
+    allows, and of equal length, so that padding stays below one step per chunk: padding every sequence to
+    a multiple of Q would make most of the (Q, Q) work padding (the CPU main job's 5–34 tokens against
+    Q = 64, or 65 against 128). One chunk needs no state passed between chunks.
     """
     (b, L, H, P), (G, N) = x.shape, B.shape[2:]
-    Q = min(Q, L)
-    pad = -L % Q  # padded steps have Δ = 0: decay 1 and no input, so they leave the state alone
+    nc = -(-L // Q)  # ceil(L / Q) chunks
+    Q = -(-L // nc)  # the shortest chunk length that still needs only nc of them
+    pad = nc * Q - L  # padded steps have Δ = 0: decay 1 and no input, so they leave the state alone
     pad_time = lambda t: F.pad(t, [0, 0] * (t.dim() - 2) + [0, pad])
-    nc, R = (L + pad) // Q, H // G
+    R = H // G
     x, dl, B, C = pad_time(x), pad_time(dl), pad_time(B), pad_time(C)
     xdt = (x * dl[..., None]).view(b, nc, Q, G, R, P)  # Δ_j x_j
     B, C = B.view(b, nc, Q, G, N), C.view(b, nc, Q, G, N)
@@ -528,6 +529,7 @@ def _ssd_torch(x, dl, A, B, C, Q, need_state):
     return y.reshape(b, nc * Q, H, P)[:, :L], h.reshape(b, H, P, N)
 
 
+@torch.compiler.disable
 def ssd_scan(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, chunk_size=64, return_last_state=False,
              backend=None):
     """Mamba2 scan. x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N), D and dt_bias (H,).
@@ -569,124 +571,3 @@ def ssd_scan(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, chunk_s
             y = y + D.to(f)[:, None] * x.to(f)
         y = y.to(x.dtype)
     return (y, last) if return_last_state else y
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM
-SCAN_SHAPES = [(64, 2048, 32, 128), (16, 1024, 16, 512), (8, 2048, 16, 2048), (4, 1536, 16, 4096)]  # b, D, N, L
-SSD_SHAPES = [(64, 128, 32, 64, 128), (8, 2048, 32, 64, 128)]  # b, L, H, P, N
-SCAN_SHAPES_SMALL = [(2, 64, 16, 128), (8, 128, 16, 64), (1, 256, 16, 512)]
-SSD_SHAPES_SMALL = [(2, 128, 4, 16, 16), (1, 512, 8, 16, 32)]
-
-
-def _time_ms(fn, device):
-    """Median milliseconds of fn()."""
-    if device.type == "cuda" and triton is not None:
-        return triton.testing.do_bench(fn, return_mode="median")
-    fn()  # warm up
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def _fwd_bwd_ms(run, inputs, device):
-    """(forward ms, forward+backward ms) of run(**inputs) with every floating input requiring grad."""
-    leaves = [t.requires_grad_() for t in inputs.values() if isinstance(t, torch.Tensor)]
-    with torch.no_grad():
-        fwd = _time_ms(lambda: run(**inputs), device)
-    dy = torch.randn_like(run(**inputs))
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        run(**inputs).backward(dy)
-
-    return fwd, _time_ms(step, device)
-
-
-def _bench_rows(label, runs, inputs, act_numels, out_numel, device):
-    """One table row per backend in `runs`; ratios against the "mamba_ssm" row when there is one."""
-    elem = inputs[next(iter(inputs))].element_size()
-    # minimal traffic: forward reads the activations and writes y; backward reads them and dy, writes their grads
-    fwd_bytes = (sum(act_numels) + out_numel) * elem
-    bound = (1e3 * fwd_bytes / HBM_BYTES_PER_S, 1e3 * (fwd_bytes + (2 * sum(act_numels) + out_numel) * elem)
-             / HBM_BYTES_PER_S)
-    times = {name: _fwd_bwd_ms(run, inputs, device) for name, run in runs.items()}
-    cuda = times.get("mamba_ssm")
-    for name, (fwd, fb) in times.items():
-        ratio = [f"{fwd / cuda[0]:.2f}", f"{fb / cuda[1]:.2f}"] if cuda and name != "mamba_ssm" else ["-", "-"]
-        hbm = [f"{100 * bound[0] / fwd:.1f}%", f"{100 * bound[1] / fb:.1f}%"] if device.type == "cuda" else ["-", "-"]
-        print(f"{label:38} {name:9} {fwd:9.3f} {fb:9.3f} {ratio[0]:>8} {ratio[1]:>8} {hbm[0]:>8} {hbm[1]:>8}",
-              flush=True)
-
-
-def _bench(device, small):
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        selective_scan_fn = mamba_chunk_scan_combined = None
-    cuda, ref_max_len = device.type == "cuda", 1024 if small else 512
-    print(f"# device {device}, torch threads={torch.get_num_threads()}; median ms; ratio = ours / mamba_ssm CUDA;"
-          f" %HBM = time at {HBM_BYTES_PER_S:.3g} B/s"
-          " (H100 SXM HBM3) for the minimal bytes / measured time")
-    print(f"{'op (b, D, N, L) | (b, L, H, P, N), dtype':38} {'backend':9} {'fwd ms':>9} {'f+b ms':>9} "
-          f"{'fwd/cuda':>8} {'f+b/cuda':>8} {'fwd HBM':>8} {'f+b HBM':>8}")
-    gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        act = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
-        for b, dim, N, L in SCAN_SHAPES_SMALL if small else SCAN_SHAPES:
-            dt = torch.empty(dim).uniform_(1e-3, 0.1, generator=gen)
-            inputs = dict(u=act(b, dim, L), delta=act(b, dim, L, scale=0.1),
-                          A=-torch.arange(1.0, N + 1).repeat(dim, 1).to(device), B=act(b, N, L), C=act(b, N, L),
-                          D=torch.ones(dim, device=device), z=act(b, dim, L),
-                          delta_bias=torch.log(torch.expm1(dt)).to(device))  # Mamba's initialization
-            runs = {}
-            if cuda and selective_scan_fn is not None:
-                runs["mamba_ssm"] = lambda **kw: selective_scan_fn(**kw, delta_softplus=True)
-            for backend in ("triton", "torch", "ref"):
-                if (backend != "triton" or cuda and triton is not None) and (backend != "ref" or L <= ref_max_len):
-                    runs[backend] = lambda backend=backend, **kw: selective_scan(**kw, delta_softplus=True,
-                                                                               backend=backend)
-            _bench_rows(f"scan {(b, dim, N, L)} {str(dtype)[6:]}", runs, inputs,
-                        [3 * b * dim * L, 2 * b * N * L], b * dim * L, device)
-        for b, L, H, P, N in SSD_SHAPES_SMALL if small else SSD_SHAPES:
-            dt = torch.empty(H).uniform_(1e-3, 0.1, generator=gen)
-            inputs = dict(x=act(b, L, H, P), dt=act(b, L, H, scale=0.1), A=-torch.rand(H, generator=gen).to(device),
-                          B=act(b, L, 1, N), C=act(b, L, 1, N), D=torch.ones(H, device=device),
-                          dt_bias=torch.log(torch.expm1(dt)).to(device))
-            runs = {}
-            if cuda and mamba_chunk_scan_combined is not None:
-                runs["mamba_ssm"] = lambda x, dt, A, B, C, D, dt_bias: mamba_chunk_scan_combined(
-                    x, dt, A, B, C, 64, D=D, dt_bias=dt_bias, dt_softplus=True)
-            for backend in ("torch", "ref"):
-                if backend != "ref" or L <= ref_max_len:
-                    runs[backend] = lambda backend=backend, **kw: ssd_scan(**kw, dt_softplus=True, backend=backend)
-            _bench_rows(f"ssd {(b, L, H, P, N)} {str(dtype)[6:]}", runs, inputs,
-                        [b * L * H * P, b * L * H, 2 * b * L * N], b * L * H * P, device)
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Benchmark selective_scan and ssd_scan against mamba_ssm.")
-    parser.add_argument("--bench", action="store_true", help="print the benchmark table")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="small shapes (always on for CPU)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps timings steady on a shared machine")
-    args = parser.parse_args()
-    if not args.bench:
-        parser.print_help()
-        return
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    _bench(device, args.small or device.type == "cpu")
-
-
-if __name__ == "__main__":
-    main()

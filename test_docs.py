@@ -1,5 +1,6 @@
 """What readers do with the repository: copy mimetic.py alone into their project, run the README's library
 example, execute the tutorial as a notebook."""
+import importlib.util
 import os
 import re
 import shutil
@@ -102,3 +103,18 @@ def test_tutorial_executes_as_a_notebook(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (tmp_path / "tutorial.ipynb").stat().st_size > 10_000  # executed, with its figures
+
+
+@pytest.mark.long
+def test_bench_runs_every_section_and_compares_with_a_revision():
+    """bench.py is the command behind every speed number in the README: a short run of each section."""
+    bench = [sys.executable, os.path.join(HERE, "bench.py")]
+    step = subprocess.run([*bench, "--only", "step", "--archs", "mamba2", "--steps", "2", "--rounds", "1",
+                           "--contenders", "ours,loop,rev,hf", "--against", "HEAD"], capture_output=True, text=True,
+                          timeout=600, cwd=HERE)
+    assert step.returncode == 0, step.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| ") for line in step.stdout.splitlines() if line.startswith("| ours")}
+    assert rows == {"ours", "ours, readable loop", "ours at HEAD"}
+    assert ("| Hugging Face |" in step.stdout) == (importlib.util.find_spec("transformers") is not None)
+    scans = subprocess.run([*bench, "--only", "scans"], capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert scans.returncode == 0 and "| ssd (32, 33, 4, 32, 128) float32 | torch |" in scans.stdout, scans.stderr

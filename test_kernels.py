@@ -204,6 +204,12 @@ def test_ssd_torch_matches_ref(G, L, extras):
     assert_all_close(run_ssd(x, "torch", extras), run_ssd(x, "ref", extras), 1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 15, 16, 44, 45, 64])  # 45 steps in 45, 7, 3, 3, 2, 1 and 1 chunks
+def test_ssd_torch_result_does_not_depend_on_the_chunk_size(chunk_size):
+    x = ssd_inputs(L=45)
+    assert_all_close(run_ssd(x, "torch", chunk_size=chunk_size), run_ssd(x, "ref"), 1e-5)
+
+
 def test_ssd_ref_is_selective_scan_per_head_channel():
     x = ssd_inputs(b=1, L=9, H=2, P=2, G=1, N=3)
     y = kernels.ssd_scan(**x, dt_softplus=True, backend="ref")

@@ -168,6 +168,57 @@ def test_attention_baselines_are_their_matrices():
     assert rel_err(lin(h), (M[:, 0] @ (h @ lin.v.weight.T)) @ lin.out_proj.weight.T) < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_fast_path_trains_like_the_readable_path(arch, monkeypatch):
+    """Six training steps of a small LM through kernels.py and through mimetic.py's own loop, from the same
+    init and batches (1 to 3 scan chunks of 8 steps), give the same losses and parameters in fp32. Losses
+    are compared under AdamW, as training runs; parameters under SGD, since Adam's division by |gradient|
+    turns the rounding of a near-zero gradient into a visible step (one conv tap moves 1e-4 apart)."""
+    monkeypatch.setattr(mimetic.kernels, "TORCH_CHUNK", 8)
+
+    def train_steps(fast, optimizer):
+        monkeypatch.setattr(mimetic, "use_kernels", fast)
+        torch.manual_seed(0)
+        model = mimetic_init_(LM(ModelConfig(vocab_size=task_vocab_size("copy", 16), d_model=32, n_layers=2,
+                                             arch=arch, d_state=16, headdim=16, chunk_size=8)))
+        opt, start = optimizer(model.parameters()), {name: p.detach().clone() for name, p in model.named_parameters()}
+        g, losses = torch.Generator().manual_seed(0), []
+        for length in (3, 9, 5, 7, 2, 8):  # sequences of 5 to 19 tokens
+            inputs, targets = make_batch("copy", 8, length, vocab_size=16, generator=g)
+            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses), dict(model.named_parameters()), start
+    adamw, sgd = (lambda p: torch.optim.AdamW(p, lr=3e-3)), (lambda p: torch.optim.SGD(p, lr=0.1))
+    assert rel_err(train_steps(True, adamw)[0], train_steps(False, adamw)[0]) < 1e-5
+    (fast_losses, fast, start), (ref_losses, ref, _) = train_steps(True, sgd), train_steps(False, sgd)
+    assert rel_err(fast_losses, ref_losses) < 1e-5
+    assert max(rel_err(fast[name], ref[name]) for name in ref) < 1e-5
+    assert rel_err(ref["layers.1.mixer.in_proj.weight"], start["layers.1.mixer.in_proj.weight"]) > 1e-3  # it trained
+
+
+@pytest.mark.long
+def test_torch_compile_with_dynamic_shapes_matches_eager():
+    """torch.compile(model, dynamic=True) on batches whose length changes, as in training (one and two SSD
+    chunks): the same outputs and gradients as eager, for Mamba 1 with attention and for Mamba 2."""
+    for arch, pattern in (("mamba1", "MA"), ("mamba2", "ML")):
+        torch.manual_seed(0)
+        model = mimetic_init_(LM(ModelConfig(vocab_size=12, d_model=16, n_layers=2, arch=arch, pattern=pattern,
+                                             d_state=8, headdim=8, linear_head_dim=8)))
+        compiled = torch.compile(model, dynamic=True)
+        for length in (5, 9, 70):
+            x = torch.randint(0, 12, (3, length))
+            outputs, grads = [], []
+            for run in (model, compiled):
+                model.zero_grad()
+                outputs.append(run(x))
+                outputs[-1].square().mean().backward()
+                grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            assert rel_err(outputs[1], outputs[0]) < 1e-6 and rel_err(grads[1], grads[0]) < 1e-6, (arch, length)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Mimetic initialization (§3)
 

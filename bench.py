@@ -1,0 +1,318 @@
+"""bench.py — speed, measured side by side in one run.
+
+    python bench.py                            # CPU, one thread: training steps, mixers, scans
+    python bench.py --against 8c378fb          # also the training step of this repository at that commit
+    python bench.py --only step --preset fig1 --scale paper   # the step of a train.py preset's first config
+    python bench.py --only scans --device cuda # the scan table on a GPU, against mamba_ssm's CUDA kernels
+
+step:   one training step (forward, backward, AdamW) of a whole model on the batches training draws (by
+        default the main job's: copy strings of 2-16 of 64 tokens, batch 32), for Mamba 2 and Mamba 1.
+        Contenders: ours, ours with mimetic.py's readable loop instead of kernels.py, ours under
+        torch.compile(dynamic=True) (compile time excluded), this repository at --against, and Hugging
+        Face transformers' Mamba2ForCausalLM / MambaForCausalLM of the same sizes (their torch paths).
+        Each runs in a worker process of its own, in interleaved rounds; a cell is the median over rounds
+        of the mean step time over the same fixed batches.
+mixer:  one sequence-mixing layer, forward + backward, ours vs Hugging Face's mixer with the same weights.
+scans:  kernels.py's backends against the reference loop, and mamba_ssm's CUDA kernels on a GPU.
+Peers that are not installed are named as such. Ratios are contender / ours: above 1 means slower.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _installed(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training step: one worker process per contender
+
+def _hf_model(c):
+    """Hugging Face's Mamba (1 or 2) LM with our config's sizes, tied embeddings, on its torch path."""
+    import transformers
+    transformers.logging.set_verbosity_error()  # not its note, on every call, that mamba_ssm is missing
+    common = dict(vocab_size=c["vocab"], hidden_size=c["d_model"], num_hidden_layers=c["n_layers"],
+                  state_size=c["d_state"], expand=c["expand"], tie_word_embeddings=True)
+    if c["arch"] == "mamba2":
+        config = transformers.Mamba2Config(**common, head_dim=c["headdim"], n_groups=1, chunk_size=64,
+                                           num_heads=c["expand"] * c["d_model"] // c["headdim"])
+        return transformers.Mamba2ForCausalLM(config)
+    return transformers.MambaForCausalLM(transformers.MambaConfig(**common))
+
+
+def _worker(spec):
+    """Time spec["contender"]'s training step; prints {"ms": mean ms per step over the batches}."""
+    sys.path.insert(0, spec["code"])
+    import mimetic
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    c, device = spec["config"], torch.device(spec["device"])
+    if spec["contender"] == "hf":
+        model = _hf_model(c).to(device)
+        forward = lambda inputs: model(inputs).logits
+    else:
+        mimetic.use_kernels = spec["contender"] != "loop"  # "rev": the revision's own mimetic.py, as it is
+        config = mimetic.ModelConfig(vocab_size=c["vocab"], d_model=c["d_model"], n_layers=c["n_layers"],
+                                     arch=c["arch"], d_state=c["d_state"], headdim=c["headdim"], expand=c["expand"])
+        model = mimetic.mimetic_init_(mimetic.LM(config)).to(device)
+        forward = torch.compile(model, dynamic=True) if spec["contender"] == "compile" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(c["min_len"], c["max_len"] + 1, (spec["steps"],), generator=g).tolist()
+    batches = [[t.to(device) for t in mimetic.make_batch(c["task"], c["batch"], n, vocab_size=c["content_vocab"],
+                                                          generator=g)] for n in lengths]
+
+    def step(inputs, targets):
+        loss = F.cross_entropy(forward(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for inputs, targets in (batches if spec["contender"] == "compile" else batches[:3]):  # warm-up (and compile)
+        step(inputs, targets)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for inputs, targets in batches:
+        step(inputs, targets)
+    sync()
+    print(json.dumps({"ms": 1e3 * (time.perf_counter() - start) / len(batches)}))
+
+
+def _step_config(args, arch):
+    """The step's model and batches, from train.py's config of the main job or of a preset."""
+    import train
+    if args.preset:
+        _, shared, grid = train.presets(args.scale)[args.preset]
+        name, flags = next(iter(grid.items()))
+        c = train.resolve_config({**shared, **flags, "arch": arch, "device": "cpu"})
+        label = f"preset {args.preset} ({args.scale}), config {name}"
+    else:
+        c = train.resolve_config({"arch": arch, "device": "cpu", **({"d_state": 32} if arch == "mamba1" else {})})
+        label = "the main job" + (" with Mamba 1, N = 32 (fig1's cpu config)" if arch == "mamba1" else "")
+    vocab = __import__("mimetic").task_vocab_size(c["task"], c["vocab_size"])
+    return label, dict(arch=arch, d_model=c["d_model"], n_layers=c["n_layers"], d_state=c["d_state"],
+                       headdim=c["headdim"], expand=c["expand"], vocab=vocab, content_vocab=c["vocab_size"],
+                       task=c["task"], batch=c["batch_size"], min_len=c["min_train_len"], max_len=c["train_len"])
+
+
+def bench_step(args):
+    revision_dir = None
+    if args.against:
+        revision_dir = tempfile.mkdtemp(prefix="bench-")
+        for name in ("mimetic.py", "kernels.py"):
+            text = subprocess.run(["git", "-C", HERE, "show", f"{args.against}:{name}"], capture_output=True,
+                                  text=True, check=True).stdout
+            with open(os.path.join(revision_dir, name), "w") as f:
+                f.write(text)
+    names = {"ours": "ours", "loop": "ours, readable loop", "compile": "ours, torch.compile",
+             "rev": f"ours at {args.against}", "hf": "Hugging Face"}
+    chosen = ["ours"] + [k for k in args.contenders.split(",") if k != "ours" and (k != "rev" or args.against)]
+    if bad := [k for k in chosen if k not in names]:
+        sys.exit(f"unknown --contenders {bad}; choose from {', '.join(names)}")
+    missing = [] if _installed("transformers") or "hf" not in chosen else ["Hugging Face transformers"]
+    chosen = [k for k in chosen if k != "hf" or not missing]
+    for arch in args.archs.split(","):
+        label, config = _step_config(args, arch)
+        times = {names[k]: [] for k in chosen}
+        for _ in range(args.rounds):
+            for k in chosen:
+                name = names[k]
+                spec = dict(code=revision_dir if k == "rev" else HERE, contender=k, config=config, steps=args.steps,
+                            threads=args.threads, device=args.device)
+                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                      text=True, env={**os.environ, "PYTHONPATH": ""})
+                if done.returncode:
+                    sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
+                times[name].append(json.loads(done.stdout.strip().splitlines()[-1])["ms"])
+        ours = statistics.median(times["ours"])
+        print(f"\n## training step, {arch}: {label}; {config['batch']} × copy-style batches of lengths "
+              f"{config['min_len']}-{config['max_len']}, {args.steps} steps × {args.rounds} rounds")
+        print(f"| contender | ms / step | × ours |\n|---|---:|---:|")
+        for name, values in times.items():
+            print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / ours:.2f} |")
+    if missing:
+        print(f"\nnot installed, not timed: {', '.join(missing)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixers: ours vs Hugging Face's with the same weights, in this process
+
+def _time_ms(fn, device, repeats=5):
+    """Median milliseconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def bench_mixers(args):
+    if not _installed("transformers"):
+        print("\n## mixers: Hugging Face transformers not installed, not timed")
+        return
+    import mimetic
+    device = torch.device(args.device)
+    print(f"\n## mixer forward + backward, batch 32 × 33 tokens, d_model 64 (the main job's longest batch); "
+          f"median of 5, interleaved")
+    print("| mixer | ours ms | Hugging Face ms | × ours |\n|---|---:|---:|---:|")
+    for arch in args.archs.split(","):
+        c = dict(d_model=64, n_layers=1, d_state=128 if arch == "mamba2" else 32, headdim=32, expand=2, vocab=8,
+                 arch=arch)
+        torch.manual_seed(0)
+        theirs = _hf_model(c).backbone.layers[0].mixer.to(device)
+        ours = (mimetic.Mamba2(64, d_state=c["d_state"], headdim=32) if arch == "mamba2"
+                else mimetic.Mamba1(64, d_state=c["d_state"])).to(device)
+        ours.load_state_dict(theirs.state_dict())  # the same names and layouts: the same layer
+        h = torch.randn(32, 33, 64, device=device, requires_grad=True)
+        run = lambda layer: layer(h).square().mean().backward()
+        ms = {name: [] for name in ("ours", "theirs")}
+        for _ in range(3):
+            ms["ours"].append(_time_ms(lambda: run(ours), device))
+            ms["theirs"].append(_time_ms(lambda: run(theirs), device))
+        o, t = statistics.median(ms["ours"]), statistics.median(ms["theirs"])
+        print(f"| {arch} (N = {c['d_state']}) | {o:.2f} | {t:.2f} | {t / o:.2f} |")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scans: kernels.py's backends against the reference, and mamba_ssm's CUDA kernels on a GPU
+
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM
+SCAN_SHAPES = [(64, 2048, 32, 128), (16, 1024, 16, 512), (8, 2048, 16, 2048), (4, 1536, 16, 4096)]  # b, D, N, L
+SSD_SHAPES = [(64, 128, 32, 64, 128), (8, 2048, 32, 64, 128)]  # b, L, H, P, N
+SCAN_SHAPES_SMALL = [(2, 64, 16, 128), (8, 128, 16, 64), (1, 256, 16, 512)]
+SSD_SHAPES_SMALL = [(2, 128, 4, 16, 16), (1, 512, 8, 16, 32), (32, 33, 4, 32, 128)]  # the last: the main job
+
+
+def _fwd_bwd_ms(run, inputs, device):
+    """(forward ms, forward+backward ms) of run(**inputs) with every floating input requiring grad."""
+    leaves = [t.requires_grad_() for t in inputs.values() if isinstance(t, torch.Tensor)]
+    with torch.no_grad():
+        fwd = _time_ms(lambda: run(**inputs), device)
+    dy = torch.randn_like(run(**inputs))
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        run(**inputs).backward(dy)
+
+    return fwd, _time_ms(step, device)
+
+
+def _scan_rows(label, runs, inputs, act_numels, out_numel, device):
+    """One table row per backend in `runs`; ratios against the "mamba_ssm" row when there is one."""
+    elem = inputs[next(iter(inputs))].element_size()
+    # minimal traffic: forward reads the activations and writes y; backward reads them and dy, writes their grads
+    fwd_bytes = (sum(act_numels) + out_numel) * elem
+    bound = (1e3 * fwd_bytes / HBM_BYTES_PER_S, 1e3 * (fwd_bytes + (2 * sum(act_numels) + out_numel) * elem)
+             / HBM_BYTES_PER_S)
+    times = {name: _fwd_bwd_ms(run, inputs, device) for name, run in runs.items()}
+    cuda = times.get("mamba_ssm")
+    for name, (fwd, fb) in times.items():
+        ratio = [f"{fwd / cuda[0]:.2f}", f"{fb / cuda[1]:.2f}"] if cuda and name != "mamba_ssm" else ["-", "-"]
+        hbm = [f"{100 * bound[0] / fwd:.1f}%", f"{100 * bound[1] / fb:.1f}%"] if device.type == "cuda" else ["-", "-"]
+        print(f"| {label} | {name} | {fwd:.3f} | {fb:.3f} | {ratio[0]} | {ratio[1]} | {hbm[0]} | {hbm[1]} |",
+              flush=True)
+
+
+def bench_scans(args):
+    import kernels
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        selective_scan_fn = mamba_chunk_scan_combined = None
+    device = torch.device(args.device)
+    cuda, small = device.type == "cuda", device.type == "cpu"
+    ref_max_len = 1024 if small else 512
+    print(f"\n## scans on {device}: median ms of 5; ratio = ours / mamba_ssm CUDA; %HBM = the minimal bytes at "
+          f"{HBM_BYTES_PER_S:.3g} B/s (H100 SXM HBM3) / measured time")
+    print("| op (b, D, N, L) or (b, L, H, P, N), dtype | backend | fwd ms | f+b ms | fwd / cuda | f+b / cuda | "
+          "fwd HBM | f+b HBM |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32,) if small else (torch.float32, torch.bfloat16):
+        act = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
+        for b, dim, N, L in SCAN_SHAPES_SMALL if small else SCAN_SHAPES:
+            dt = torch.empty(dim).uniform_(1e-3, 0.1, generator=gen)
+            inputs = dict(u=act(b, dim, L), delta=act(b, dim, L, scale=0.1),
+                          A=-torch.arange(1.0, N + 1).repeat(dim, 1).to(device), B=act(b, N, L), C=act(b, N, L),
+                          D=torch.ones(dim, device=device), z=act(b, dim, L),
+                          delta_bias=torch.log(torch.expm1(dt)).to(device))  # Mamba's initialization
+            runs = {}
+            if cuda and selective_scan_fn is not None:
+                runs["mamba_ssm"] = lambda **kw: selective_scan_fn(**kw, delta_softplus=True)
+            for backend in ("triton", "torch", "ref"):
+                if (backend != "triton" or cuda and kernels.triton is not None) and (backend != "ref" or L <= ref_max_len):
+                    runs[backend] = lambda backend=backend, **kw: kernels.selective_scan(**kw, delta_softplus=True,
+                                                                                       backend=backend)
+            _scan_rows(f"scan {(b, dim, N, L)} {str(dtype)[6:]}", runs, inputs,
+                       [3 * b * dim * L, 2 * b * N * L], b * dim * L, device)
+        for b, L, H, P, N in SSD_SHAPES_SMALL if small else SSD_SHAPES:
+            dt = torch.empty(H).uniform_(1e-3, 0.1, generator=gen)
+            inputs = dict(x=act(b, L, H, P), dt=act(b, L, H, scale=0.1), A=-torch.rand(H, generator=gen).to(device),
+                          B=act(b, L, 1, N), C=act(b, L, 1, N), D=torch.ones(H, device=device),
+                          dt_bias=torch.log(torch.expm1(dt)).to(device))
+            runs = {}
+            if cuda and mamba_chunk_scan_combined is not None:
+                runs["mamba_ssm"] = lambda x, dt, A, B, C, D, dt_bias: mamba_chunk_scan_combined(
+                    x, dt, A, B, C, 64, D=D, dt_bias=dt_bias, dt_softplus=True)
+            for backend in ("torch", "ref"):
+                if backend != "ref" or L <= ref_max_len:
+                    runs[backend] = lambda backend=backend, **kw: kernels.ssd_scan(**kw, dt_softplus=True,
+                                                                                 backend=backend)
+            _scan_rows(f"ssd {(b, L, H, P, N)} {str(dtype)[6:]}", runs, inputs,
+                       [b * L * H * P, b * L * H, 2 * b * L * N], b * L * H * P, device)
+    if cuda and selective_scan_fn is None:
+        print("\nmamba_ssm not installed: no CUDA reference timed")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0],
+                                     epilog=__doc__.partition("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("step", "mixer", "scans"), help="one section (default: all)")
+    parser.add_argument("--archs", default="mamba2,mamba1", help="step and mixer: comma-separated (default: %(default)s)")
+    parser.add_argument("--against", help="step: also time this repository at a git revision (e.g. a commit)")
+    parser.add_argument("--contenders", default="ours,loop,compile,rev,hf",
+                        help="step: which to time, from ours, loop, compile, rev (needs --against), hf "
+                             "(default: %(default)s)")
+    parser.add_argument("--preset", help="step: a train.py preset's first config instead of the main job")
+    parser.add_argument("--scale", default="cpu", choices=("paper", "cpu"), help="with --preset (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="step: timed steps per round (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="step: interleaved rounds (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker(json.loads(args.worker))
+    torch.set_num_threads(args.threads)
+    print(f"# bench.py on {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"{time.strftime('%Y-%m-%d')}")
+    for name, section in (("step", bench_step), ("mixer", bench_mixers), ("scans", bench_scans)):
+        if args.only in (None, name):
+            section(args)
+
+
+if __name__ == "__main__":
+    main()
