@@ -143,7 +143,7 @@ def bench_step(args):
         ours = statistics.median(times["ours"])
         print(f"\n## training step, {arch}: {label}; {config['batch']} × copy-style batches of lengths "
               f"{config['min_len']}-{config['max_len']}, {args.steps} steps × {args.rounds} rounds")
-        print(f"| contender | ms / step | × ours |\n|---|---:|---:|")
+        print("| contender | ms / step | × ours |\n|---|---:|---:|")
         for name, values in times.items():
             print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / ours:.2f} |")
     if missing:
@@ -174,8 +174,8 @@ def bench_mixers(args):
         return
     import mimetic
     device = torch.device(args.device)
-    print(f"\n## mixer forward + backward, batch 32 × 33 tokens, d_model 64 (the main job's longest batch); "
-          f"median of 5, interleaved")
+    print("\n## mixer forward + backward, batch 32 × 33 tokens, d_model 64 (the main job's longest batch); "
+          "median of 5, interleaved")
     print("| mixer | ours ms | Hugging Face ms | × ours |\n|---|---:|---:|---:|")
     for arch in args.archs.split(","):
         c = dict(d_model=64, n_layers=1, d_state=128 if arch == "mamba2" else 32, headdim=32, expand=2, vocab=8,
