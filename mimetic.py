@@ -345,6 +345,7 @@ class ModelConfig:
     chunk_size: int = 64          # Mamba 2
     n_heads: int = 1              # attention and linear attention
     linear_head_dim: int = 32     # linear attention's query/key features per head
+    layer_d_state: dict | None = None  # {layer index: N} for Mamba layers whose N differs (Fig. 5)
 
     def __post_init__(self):
         if self.arch not in ("mamba1", "mamba2"):
@@ -358,15 +359,21 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_state is not None and self.d_state <= 0:
             raise ValueError(f"d_state must be positive, got {self.d_state}")
+        self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
+        for i, n in self.layer_d_state.items():
+            if not (0 <= i < self.n_layers and self.pattern[i] == "M" and n > 0):
+                raise ValueError(f"layer_d_state {{{i}: {n}}}: needs a Mamba layer (M) of pattern "
+                                 f"{self.pattern} and a positive N")
 
 
-def make_mixer(letter, cfg):
-    """The sequence mixer for one letter of cfg.pattern."""
+def make_mixer(cfg, index):
+    """The sequence mixer of layer `index`, from its letter in cfg.pattern."""
+    letter, N = cfg.pattern[index], cfg.layer_d_state.get(index, cfg.d_state)
     if letter == "A":
         return Attention(cfg.d_model, cfg.n_heads)
     if letter == "L":
         return LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)
-    state = {} if cfg.d_state is None else {"d_state": cfg.d_state}
+    state = {} if N is None else {"d_state": N}
     if cfg.arch == "mamba1":
         return Mamba1(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, **state)
     return Mamba2(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
@@ -390,7 +397,7 @@ class LM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(make_mixer(c, config), config.d_model) for c in config.pattern)
+        self.layers = nn.ModuleList(Block(make_mixer(config, i), config.d_model) for i in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied
@@ -575,6 +582,7 @@ _TASK_VOCAB = {
     "induction": (16, ("TRIGGER",)),
 }
 TASKS = tuple(_TASK_VOCAB)
+COPY_TASKS = ("copy", "stack", "sort")  # a string, SEP, the string again (reordered), STOP
 SELECTIVE_COPY_TOKENS = 16  # tokens to memorize in selective copying (Mamba App. E.1)
 MQAR_POWER_A = 0.01  # zoology's power law a for where mqar queries fall (a = 1: uniform)
 EVAL_SEED = 2**31 - 1  # evaluate()'s default batches, apart from make_batch's default stream
@@ -594,9 +602,9 @@ def task_vocab_size(task, vocab_size=None):
     return _content_vocab(task, vocab_size) + len(_TASK_VOCAB[task][1])
 
 
-def _sample_distinct(batch_size, population, k, g):
-    """(batch_size, k) distinct ints from range(population) per row, in random order (top-k of noise)."""
-    return torch.rand(batch_size, population, generator=g).topk(k, dim=1).indices
+def _sample_distinct(b, population, k, g):
+    """(b, k) distinct ints from range(population) per row, in random order (top-k of noise)."""
+    return torch.rand(b, population, generator=g).topk(k, dim=1).indices
 
 
 def _shift(seq, first_label):
@@ -606,7 +614,7 @@ def _shift(seq, first_label):
     return inputs, targets
 
 
-def _copy_like(task, B, n, V, g):
+def _copy_like(task, b, n, V, g):
     """copy / stack / sort, V=26 (SEP=26, STOP=27), length=3, string [7, 0, 19]:
     copy   inputs [7, 0, 19, 26, 7, 0, 19]    targets [-100, -100, -100, 7, 0, 19, 27]
     stack  inputs [7, 0, 19, 26, 19, 0, 7]    targets [-100, -100, -100, 19, 0, 7, 27]
@@ -615,41 +623,43 @@ def _copy_like(task, B, n, V, g):
     if task == "sort":
         if n > V:
             raise ValueError(f"sort draws without replacement: length {n} > vocab_size {V}")
-        x = _sample_distinct(B, V, n, g)
+        x = _sample_distinct(b, V, n, g)
         y = x.sort(dim=1).values
     else:
-        x = torch.randint(V, (B, n), generator=g)
+        x = torch.randint(V, (b, n), generator=g)
         y = x.flip(1) if task == "stack" else x
-    sep, stop = torch.full((B, 1), V), torch.full((B, 1), V + 1)
+    sep, stop = torch.full((b, 1), V), torch.full((b, 1), V + 1)
     return _shift(torch.cat([x, sep, y, stop], dim=1), n)  # labels: the pasted string and STOP
 
 
-def _mqar(B, n, V, g):
-    """Multi-query associative recall (zoology's multiquery_ar), `length` = n key-value pairs.
+def _mqar(b, n, V, g, T):
+    """Multi-query associative recall (zoology's multiquery_ar): n key-value pairs in T tokens.
 
     Keys: distinct draws from [1, V/2) (zoology keeps 0 out of keys); values: distinct from [V/2, V).
-    The 2n-token context k_1 v_1 ... k_n v_n is followed by a 4n-token query region whose even offsets
-    are 2n slots; key i is queried at slot gap_i, the i-th of n draws without replacement with
-    p(slot s) ∝ (s+1)^(a−1): most queries come soon after the context, as repeated bigrams do in text.
-    The label at a query is the key's value. All other query-region tokens are uniform filler from
-    [0, V) (zoology's random_non_queries); a filler may repeat a key but carries no label.
-    V=8, length=2: keys [3, 1], values [6, 4], gaps [0, 2]:
+    The 2n-token context k_1 v_1 ... k_n v_n is followed by a (T − 2n)-token query region whose even
+    offsets are (T − 2n) // 2 slots; key i is queried at slot gap_i, the i-th of n draws without
+    replacement with p(slot s) ∝ (s+1)^(a−1): most queries come soon after the context, as repeated
+    bigrams do in text. The label at a query is the key's value. All other query-region tokens are
+    uniform filler from [0, V) (zoology's random_non_queries); a filler may repeat a key but carries no
+    label. V=8, length=2, T=12: keys [3, 1], values [6, 4], gaps [0, 2]:
     inputs  [3, 6, 1, 4,     3, 5, 0, 7, 1, 2, 6, 2]
     targets [-100] * 4 + [6, -100, -100, -100, 4, -100, -100, -100]"""
     half = V // 2
     if n > half - 1:
         raise ValueError(f"mqar needs length <= vocab_size // 2 - 1 = {half - 1} distinct keys, got {n}")
-    keys = 1 + _sample_distinct(B, half - 1, n, g)
-    values = half + _sample_distinct(B, V - half, n, g)
-    context = torch.stack([keys, values], dim=2).view(B, 2 * n)
-    weights = torch.arange(1, 2 * n + 1, dtype=torch.float64) ** (MQAR_POWER_A - 1)
-    gaps = torch.multinomial(weights.expand(B, -1), n, replacement=False, generator=g)  # i-th draw: key i
-    queries = torch.randint(V, (B, 4 * n), generator=g).scatter_(1, 2 * gaps, keys)
-    targets = torch.full((B, 6 * n), -100).scatter_(1, 2 * n + 2 * gaps, values)
+    if T < 4 * n:
+        raise ValueError(f"mqar needs seq_len >= 4 · length = {4 * n} (a query slot per key), got {T}")
+    keys = 1 + _sample_distinct(b, half - 1, n, g)
+    values = half + _sample_distinct(b, V - half, n, g)
+    context = torch.stack([keys, values], dim=2).view(b, 2 * n)
+    weights = torch.arange(1, (T - 2 * n) // 2 + 1, dtype=torch.float64) ** (MQAR_POWER_A - 1)
+    gaps = torch.multinomial(weights.expand(b, -1), n, replacement=False, generator=g)  # i-th draw: key i
+    queries = torch.randint(V, (b, T - 2 * n), generator=g).scatter_(1, 2 * gaps, keys)
+    targets = torch.full((b, T), -100).scatter_(1, 2 * n + 2 * gaps, values)
     return torch.cat([context, queries], dim=1), targets
 
 
-def _selective_copy(B, L, V, g):
+def _selective_copy(b, L, V, g):
     """Selective copying (Mamba §4.1.1): 16 tokens at random positions of an L-token BLANK region,
     then SEP, then those tokens in order. Random spacing defeats a fixed-lag convolution.
     V=16 (BLANK=16, SEP=17), length=17, tokens [3, 3, 9, 0, 12, 5, 5, 1, 15, 7, 2, 2, 8, 10, 4, 6]:
@@ -658,53 +668,61 @@ def _selective_copy(B, L, V, g):
     k = SELECTIVE_COPY_TOKENS
     if L < k:
         raise ValueError(f"selective_copy needs length >= {k} (the number of tokens to copy), got {L}")
-    tokens = torch.randint(V, (B, k), generator=g)
-    where = _sample_distinct(B, L, k, g).sort(dim=1).values  # sorted: the tokens keep their order
-    region = torch.full((B, L), V).scatter_(1, where, tokens)
-    return _shift(torch.cat([region, torch.full((B, 1), V + 1), tokens], dim=1), L)
+    tokens = torch.randint(V, (b, k), generator=g)
+    where = _sample_distinct(b, L, k, g).sort(dim=1).values  # sorted: the tokens keep their order
+    region = torch.full((b, L), V).scatter_(1, where, tokens)
+    return _shift(torch.cat([region, torch.full((b, 1), V + 1), tokens], dim=1), L)
 
 
-def _induction(B, L, V, g):
+def _induction(b, L, V, g):
     """Induction heads (Mamba §4.1.2): after TRIGGER comes the answer; recall it at the final TRIGGER.
     V=16 (TRIGGER=16), length=6, trigger at 1:
     inputs  [5, 16, 9, 2, 11, 16]
     targets [-100, -100, -100, -100, -100, 9]"""
     if L < 4:  # the first trigger then has at least two possible positions
         raise ValueError(f"induction needs length >= 4, got {L}")
-    inputs = torch.randint(V, (B, L), generator=g)
-    p = torch.randint(L - 2, (B, 1), generator=g)  # trigger in [0, L-3]; its answer is before the end
+    inputs = torch.randint(V, (b, L), generator=g)
+    p = torch.randint(L - 2, (b, 1), generator=g)  # trigger in [0, L-3]; its answer is before the end
     inputs.scatter_(1, p, V)
     inputs[:, -1] = V
-    targets = torch.full((B, L), -100)
+    targets = torch.full((b, L), -100)
     targets[:, -1] = inputs.gather(1, p + 1).squeeze(1)
     return inputs, targets
 
 
-def make_batch(task, batch_size, length, *, vocab_size=None, generator=None):
+def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq_len=None):
     """(inputs, targets): LongTensors (batch_size, T) on the CPU, targets -100 where there is no loss.
 
-    length: string length (copy, stack, sort), key-value pairs (mqar: T = 6·length), region length
-    (selective_copy: T = length + 16) or sequence length (induction: T = length)."""
+    length: string length (copy, stack, sort), key-value pairs (mqar), region length (selective_copy:
+    T = length + 16) or sequence length (induction: T = length). seq_len: mqar's T, which zoology sets
+    apart from the number of pairs (its configs use 16 tokens a pair); None gives T = 6 · length."""
     V = _content_vocab(task, vocab_size)
     for name, value in (("batch_size", batch_size), ("length", length)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if seq_len is not None and task != "mqar":
+        raise ValueError(f"seq_len is mqar's sequence length; {task} sets its own from length")
     g = torch.Generator() if generator is None else generator
-    if task in ("copy", "stack", "sort"):
+    if task in COPY_TASKS:
         return _copy_like(task, batch_size, length, V, g)
-    build = {"mqar": _mqar, "selective_copy": _selective_copy, "induction": _induction}[task]
-    return build(batch_size, length, V, g)
+    if task == "mqar":
+        return _mqar(batch_size, length, V, g, 6 * length if seq_len is None else seq_len)
+    return (_selective_copy if task == "selective_copy" else _induction)(batch_size, length, V, g)
 
 
 def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,
-             device=None):
-    """Token accuracy over labeled positions and exact match (every labeled token right) of argmax.
+             device=None, seq_len=None):
+    """Accuracy of argmax predictions on held-out batches: token_acc over labeled positions (for mqar,
+    zoology's per-query accuracy), exact_match (every labeled token right) and string_acc (Jelassi et
+    al.'s string accuracy: every token of the pasted string right, STOP not scored; = exact_match for the
+    tasks without STOP).
 
     Teacher-forced exact match equals greedy-decoding exact match: if every labeled token is right under
     teacher forcing, greedy decoding feeds itself the same prefix at every step and so reproduces it;
     conversely, at the first wrong greedy token the prefix was still correct, so teacher forcing errs
     there too. generator=None evaluates on fixed held-out batches (seed EVAL_SEED, not make_batch's
-    default); device defaults to that of the model's first parameter. Runs under no_grad in eval mode, then restores the training mode."""
+    default); device defaults to that of the model's first parameter. Runs under no_grad in eval mode,
+    then restores the training mode."""
     if n_batches <= 0:
         raise ValueError(f"n_batches must be positive, got {n_batches}")
     g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator
@@ -712,17 +730,22 @@ def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4
         device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
-    correct = labeled = exact = 0
+    stop = _content_vocab(task, vocab_size) + 1 if task in COPY_TASKS else None
+    correct = labeled = exact = strings = 0
     try:
         with torch.no_grad():
             for _ in range(n_batches):
-                inputs, targets = make_batch(task, batch_size, length, vocab_size=vocab_size, generator=g)
+                inputs, targets = make_batch(task, batch_size, length, vocab_size=vocab_size, generator=g,
+                                             seq_len=seq_len)
                 targets = targets.to(device)
                 mask = targets != -100
                 right = (model(inputs.to(device)).argmax(-1) == targets) & mask
                 correct += right.sum().item()
                 labeled += mask.sum().item()
                 exact += (right.sum(1) == mask.sum(1)).sum().item()
+                string = mask & (targets != stop)
+                strings += ((right & string).sum(1) == string.sum(1)).sum().item()
     finally:
         model.train(was_training)
-    return dict(token_acc=correct / labeled, exact_match=exact / (batch_size * n_batches))
+    n = batch_size * n_batches
+    return dict(token_acc=correct / labeled, exact_match=exact / n, string_acc=strings / n)

@@ -527,7 +527,7 @@ def test_evaluate_oracle_is_perfect(task):
         answers.update({tuple(i.tolist()): t for i, t in zip(inputs, targets)})
     model = Oracle(answers, task_vocab_size(task)).train()
     result = evaluate(model, task, n, batch_size=8, n_batches=3, generator=torch.Generator().manual_seed(5))
-    assert result == dict(token_acc=1.0, exact_match=1.0)
+    assert result == dict(token_acc=1.0, exact_match=1.0, string_acc=1.0)
     assert model.training  # training mode restored
 
 
@@ -535,7 +535,7 @@ def test_evaluate_constant_model():
     # predicting STOP everywhere gets exactly the one STOP label of each copy sequence right
     n = 9
     model = Constant(27, task_vocab_size("copy")).eval()
-    assert evaluate(model, "copy", n) == dict(token_acc=1 / (n + 1), exact_match=0.0)
+    assert evaluate(model, "copy", n) == dict(token_acc=1 / (n + 1), exact_match=0.0, string_acc=0.0)
     assert not model.training
     # induction has one label per sequence: a constant guess is right exactly when it equals the answer
     g = torch.Generator().manual_seed(2)
@@ -543,7 +543,34 @@ def test_evaluate_constant_model():
     hit = (answers == 3).float().mean().item()
     result = evaluate(Constant(3, 17), "induction", 20, generator=torch.Generator().manual_seed(2))
     assert result["token_acc"] == pytest.approx(hit) and result["exact_match"] == pytest.approx(hit)
+    assert result["string_acc"] == result["exact_match"]  # no STOP to leave out
     assert 0.0 < hit < 0.15
+
+
+def test_string_accuracy_leaves_out_stop_as_jelassi_et_al_do():
+    """An oracle that misses STOP on every other example: exact match 1/2, the pipeline's string accuracy 1."""
+    n, g = 5, torch.Generator().manual_seed(5)
+    inputs, targets = make_batch("copy", 8, n, generator=g)
+    wrong_stop = targets.clone()
+    wrong_stop[::2, -1] = 0  # STOP (27) predicted as token 0
+    model = Oracle({tuple(i.tolist()): t for i, t in zip(inputs, wrong_stop)}, task_vocab_size("copy"))
+    result = evaluate(model, "copy", n, batch_size=8, n_batches=1, generator=torch.Generator().manual_seed(5))
+    assert result == dict(token_acc=1 - 4 / (8 * (n + 1)), exact_match=0.5, string_acc=1.0)
+
+
+def test_mqar_sequence_length_is_set_apart_from_the_pairs_as_in_zoology():
+    n, T = 4, 64  # zoology's (64, 4)
+    inputs, targets = make_batch("mqar", 32, n, seq_len=T, generator=torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (32, T) and ((targets != -100).sum(1) == n).all()
+    slots = ((targets != -100).nonzero()[:, 1] - 2 * n) // 2
+    assert slots.max() < (T - 2 * n) // 2 and slots.max() >= 2 * n  # queries reach past the 6n layout's slots
+    default = make_batch("mqar", 4, n, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(default, make_batch("mqar", 4, n, seq_len=6 * n,
+                                                                        generator=torch.Generator().manual_seed(1))))
+    with pytest.raises(ValueError, match="seq_len"):
+        make_batch("mqar", 4, n, seq_len=4 * n - 1)
+    with pytest.raises(ValueError, match="seq_len"):
+        make_batch("copy", 4, n, seq_len=20)
 
 
 def test_evaluate_runs_under_no_grad_in_eval_mode():
@@ -561,6 +588,15 @@ def test_evaluate_runs_under_no_grad_in_eval_mode():
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input gets a clear error
+
+def test_one_layer_can_have_its_own_state_size():
+    """Fig. 5 compares one layer's N while the others keep theirs."""
+    model = LM(ModelConfig(vocab_size=10, d_model=16, n_layers=3, arch="mamba2", headdim=8, d_state=16,
+                           layer_d_state={"1": 4}))  # as config.json stores it
+    assert [block.mixer.d_state for block in model.layers] == [16, 4, 16]
+    with pytest.raises(ValueError, match="layer_d_state"):
+        ModelConfig(n_layers=2, pattern="MA", layer_d_state={1: 8})
+
 
 def test_bad_configs_and_inputs_raise():
     with pytest.raises(ValueError, match="arch"):

@@ -1,39 +1,50 @@
-"""train.py: the CLI writes every output, rejects bad flags in one line, sweeps and summarizes, the presets
-are the paper's grids, and training really learns."""
+"""train.py and figures.py: the CLI writes every output and rejects bad flags in one line; presets are the
+paper's setups; the pipeline's batches, optimizer and metrics; sweeps shared by torchrun, resumed after a
+kill, guarded against divergence; `train.py eval`; and training really learns."""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
+import figures
 import train
 from conftest import HERE
 
-# ---------------------------------------------------------------------------------------------------
-# train.py: the CLI writes every output, rejects bad flags in one line, and training really learns
-
 TINY = ["--d-model", "16", "--n-layers", "2", "--d-state", "4", "--headdim", "8", "--vocab-size", "4",
         "--train-len", "4", "--batch-size", "8", "--eval-batches", "1", "--threads", "1", "--device", "cpu"]
+TRAIN_PY = os.path.join(HERE, "train.py")
 
 
-def run_cli(*args, cwd=HERE):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+def run_cli(*args, cwd=HERE, timeout=300):
+    return subprocess.run([sys.executable, TRAIN_PY, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def rows_of(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def check_run_folder(out, stdout, mimetic):
     for name in ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "accuracy.png",
                  "attention_init.png", "attention_final.png", "done"):
         assert (out / name).stat().st_size > 0, name
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = rows_of(out)
     assert [r["step"] for r in rows] == [0, 3, 6]
-    assert set(rows[-1]["exact_match"]) == {"4", "8", "16"} == set(rows[-1]["token_acc"])
+    assert set(rows[-1]["exact_match"]) == {"4", "8", "16"} == set(rows[-1]["token_acc"]) == set(rows[-1]["string_acc"])
     assert "step 6/6 | loss" in stdout and "acc@8" in stdout
-    assert json.loads((out / "config.json").read_text())["mimetic"] == mimetic
+    config = json.loads((out / "config.json").read_text())
+    assert config["mimetic"] == mimetic and config["eval_lens"] == [4, 8, 16]  # lists stay lists
+    assert len((out / "metrics.csv").read_text().splitlines()) == 4
 
+
+# ---------------------------------------------------------------------------------------------------
+# One run: outputs, Ctrl-C, bad flags
 
 @pytest.mark.long
 def test_cli_smoke_writes_every_output_and_plot_overlays_runs(tmp_path, capsys):
@@ -43,31 +54,33 @@ def test_cli_smoke_writes_every_output_and_plot_overlays_runs(tmp_path, capsys):
     check_run_folder(tmp_path / "default", result.stdout, mimetic=False)
     train.main([*args, "--mimetic", "--out", str(tmp_path / "mimetic")])
     check_run_folder(tmp_path / "mimetic", capsys.readouterr().out, mimetic=True)
-    figure = tmp_path / "compare.png"
-    train.main(["plot", str(tmp_path / "default"), str(tmp_path / "mimetic"), "--out", str(figure)])
-    assert figure.stat().st_size > 0
-    bars = tmp_path / "bars.png"
-    train.main(["plot", "--final", "--metric", "token_acc", str(tmp_path / "default"), "--out", str(bars)])
-    assert bars.stat().st_size > 0
+    train.main([*args, "--mimetic", "--out", str(tmp_path / "mimetic")])  # the same command again
+    assert "is finished" in capsys.readouterr().out and len(rows_of(tmp_path / "mimetic")) == 3
+    for flags, name in (([], "curves.png"), (["--final", "--metric", "token_acc"], "bars.png"),
+                        (["--lengths", "--metric", "string_acc"], "lengths.png")):
+        train.main(["plot", *flags, str(tmp_path / "default"), str(tmp_path / "mimetic"), "--out", str(tmp_path / name)])
+        assert (tmp_path / name).stat().st_size > 0
 
 
 @pytest.mark.long
-def test_ctrl_c_stops_cleanly_and_writes_the_outputs_so_far(tmp_path):
+def test_ctrl_c_stops_at_a_step_boundary_writes_the_outputs_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--steps", "100000",
-                                "--eval-every", "5", "--out", str(out)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
-        time.sleep(0.2)
+    command = [sys.executable, TRAIN_PY, *TINY, "--steps", "400", "--eval-every", "5", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(rows_of(out)) >= 3):
+        time.sleep(0.1)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
-    assert "interrupted at step" in stdout
+    stopped = int(stdout.split("interrupted at step ")[1].split(";")[0])
     for name in ("metrics.jsonl", "metrics.csv", "checkpoint.pt", "accuracy.png", "attention_final.png"):
         assert (out / name).stat().st_size > 0, name
-    assert not (out / "done").exists()
+    assert not (out / "done").exists() and stopped < 400
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"resuming {out} from step {stopped}" in resumed.stdout, resumed.stderr
+    steps = [r["step"] for r in rows_of(out)]
+    assert steps == list(range(0, 401, 5)) and (out / "done").exists()  # the interrupted eval row is gone
 
 
 @pytest.mark.parametrize("args, message", [
@@ -78,7 +91,13 @@ def test_ctrl_c_stops_cleanly_and_writes_the_outputs_so_far(tmp_path):
     (["--arch", "transformer"], "invalid choice"),
     (["--arch", "attention", "--mimetic"], "needs Mamba layers"),
     (["--task", "mqar", "--vocab-size", "8"], "mqar"),
+    (["--task", "mqar", "--vocab-size", "128", "--mqar-tokens-per-pair", "3"], "seq_len"),
+    (["--task", "mqar", "--pack", "220"], "--pack"),
+    (["--pack", "10"], "cannot hold"),
+    (["--layer-d-state", "5:8"], "layer_d_state"),
     (["--scale", "cpu"], "--preset"),
+    (["--configs", "hybrid"], "--preset"),
+    (["--preset", "fig2", "--configs", "nope"], "not configs of --preset fig2"),
     (["--preset", "fig1", "--scale", "laptop"], "invalid choice"),
 ])
 def test_bad_arguments_exit_with_one_line_and_no_traceback(tmp_path, capsys, args, message):
@@ -89,75 +108,86 @@ def test_bad_arguments_exit_with_one_line_and_no_traceback(tmp_path, capsys, arg
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.long
-def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp_path, capsys):
-    args = [*TINY, "--steps", "2", "--eval-every", "2", "--seeds", "0,1", "--out", str(tmp_path)]
-    train.main(args)
-    run = next(p for p in tmp_path.iterdir() if p.is_dir())
-    assert sorted(p.name for p in run.iterdir()) == ["seed0", "seed1"]
-    for name in ("summary.csv", "summary.md", "summary.png", "summary_final.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "± " in (tmp_path / "summary.md").read_text()
-    capsys.readouterr()
-    train.main(args)
-    assert capsys.readouterr().out.count("skip") == 2
+def test_help_lists_every_preset(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name}: {description.split()[0]}" in text for name, (description, _, _) in train.PRESETS.items())
 
 
-def test_summary_averages_the_final_rows_over_seeds_and_names_lengths_when_configs_differ(tmp_path):
-    """Two configs with different eval lengths (like copy vs mqar in the tasks preset), made-up metrics."""
-    for name, train_len, finals in (("copy", 16, (0.5, 1.0)), ("mqar", 8, (0.25, 0.25))):
-        for seed, final in enumerate(finals):
-            run = tmp_path / name / f"seed{seed}"
-            run.mkdir(parents=True)
-            (run / "config.json").write_text(json.dumps({"train_len": train_len}))
-            lens = (str(train_len), str(2 * train_len))
-            rows = [{"step": step, "exact_match": dict.fromkeys(lens, value), "token_acc": dict.fromkeys(lens, 1.0)}
-                    for step, value in ((0, 0.0), (10, final))]
-            (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
-    train.write_summary(tmp_path, ["copy", "mqar"])
-    table = (tmp_path / "summary.md").read_text()
-    assert "| copy | 2 | 0.750 ± 0.354 @16 | 0.750 ± 0.354 @32 | 1.000 ± 0.000 @16" in table
-    assert "| mqar | 2 | 0.250 ± 0.000 @8 | 0.250 ± 0.000 @16 |" in table
-    assert (tmp_path / "summary_final.png").stat().st_size > 0
+# ---------------------------------------------------------------------------------------------------
+# The paper's setups, pinned to its numbers
+
+def preset_config(name, config, scale="paper"):
+    _, shared, grid = train.presets(scale)[name]
+    return train.resolve_config({**shared, **grid[config], "device": "cpu"})
 
 
-def test_presets_expand_to_the_paper_grids():
-    assert len(train.PRESETS["ablation"][2]) == 32  # 16 on/off combinations × 2 architectures
-    ablation = {name: train.resolve_config({**train.PRESETS["ablation"][1], **flags})
-                for name, flags in train.PRESETS["ablation"][2].items()}
-    assert not ablation["mamba1_none"]["mimetic"] and ablation["mamba2_A+dt+bc+conv"]["mimetic"]
-    fig2 = train.resolve_config({**train.PRESETS["fig2"][1], **train.PRESETS["fig2"][2]["hybrid"]})
-    assert fig2["pattern"] == "MMMAMMMM" and fig2["eval_lens"] == "50,100,200"
-    model = train.build_model(train.resolve_config({**train.PRESETS["linattn"][1], "d_model": 16, "headdim": 8,
-                                                    **train.PRESETS["linattn"][2]["linear8"]}))
-    assert type(model.layers[3].mixer).__name__ == "LinearAttention" and model.layers[3].mixer.head_dim == 8
+def test_paper_presets_are_the_papers_setups():
+    fig1 = preset_config("fig1", "mamba2_mimetic")  # §4 "a small 4-layer Mamba"; §5 Mamba 2: N 128, head dim 64
+    assert (fig1["n_layers"], fig1["d_state"], fig1["headdim"], fig1["train_len"], fig1["steps"]) == (4, 128, 64, 50, 5000)
+    assert preset_config("fig1", "mamba1_default")["d_state"] == 32  # §5 "state size 32" for every Mamba 1
+    assert fig1["eval_lens"][:2] == [50, 100] and fig1["mimetic"] and fig1["mimetic_layers"] is None
+    assert (fig1["d_model"], fig1["vocab_size"], fig1["pack"], fig1["batch_size"]) == (1024, 26, 220, 8)  # pipeline
+    assert (fig1["weight_decay_on"], fig1["schedule"], fig1["warmup"], fig1["beta2"]) == ("all", "linear", 100, 0.999)
+    for name in train.PRESETS:
+        if name != "mamba41":
+            assert train.PRESETS[name][1]["lrs"] == [1e-3, 5e-4, 1e-4]  # §8
+    assert train.PRESETS["fig1"][1]["seeds"] == [0, 1, 2, 3, 4] and train.PRESETS["ablation"][1]["seeds"] == list(range(10))
+    fig2 = preset_config("fig2", "mimetic_l3")  # §4 "just one layer ... (Layer 4) of an 8-layer Mamba"
+    assert fig2["n_layers"] == 8 and fig2["mimetic_layers"] == [3] and fig2["arch"] == "mamba2"
+    assert preset_config("fig2", "hybrid")["pattern"] == "MMMAMMMM"
+    ablation = preset_config("ablation", "mamba2_A+dt+bc+conv")  # Fig. 3: 24 layers × 1024, 50 → 100, 300
+    assert (ablation["n_layers"], ablation["d_model"], ablation["eval_lens"], ablation["c"]) == (24, 1024, [50, 100, 300], 8.0)
+    assert len(train.PRESETS["ablation"][2]) == 32 and not preset_config("ablation", "mamba1_none")["mimetic"]
+    for task, vocab in (("stack", 26), ("sort", 512), ("mqar", 8192)):  # Fig. 4: one mimetic layer, layer 4
+        config = preset_config("tasks", f"{task}_mimetic_l3")
+        assert (config["task"], config["vocab_size"], config["mimetic_layers"], config["n_layers"]) == (task, vocab, [3], 8)
+    mqar = preset_config("tasks", "mqar_default")  # zoology: 16 tokens per pair, one length per run
+    assert (mqar["train_len"], mqar["min_train_len"], mqar["mqar_tokens_per_pair"], mqar["pack"]) == (50, 50, 16, 0)
+    assert preset_config("tasks", "stack_mimetic_all")["mimetic_layers"] is None  # the extra config, named so
+    linear, mamba = preset_config("linattn", "linear32"), preset_config("linattn", "mamba_N32_mimetic_l3")
+    assert linear["pattern"] == "MMMLMMMM" and linear["linear_head_dim"] == 32 and linear["eval_lens"] == [50, 100, 200]
+    assert mamba["layer_d_state"] == {3: 32} and mamba["d_state"] == linear["d_state"] == 128  # only layer 4 differs
+    states = {preset_config("statesize", f"N{n}_mimetic")["d_state"] for n in (16, 32, 64, 128, 256, 512)}
+    assert states == {16, 32, 64, 128, 256, 512} and len(preset_config("statesize", "N32_default")["eval_lens"]) >= 6
+    long = preset_config("long", "copy_4000_mimetic")  # Fig. 9: a 1024-dim 2-layer Mamba 2, ~4000-long strings
+    assert (long["n_layers"], long["d_model"], long["arch"], long["train_len"]) == (2, 1024, "mamba2", 4000)
+    size = {(preset_config("size", k)["d_model"], preset_config("size", k)["n_layers"]) for k in train.PRESETS["size"][2]}
+    assert (1024, 2) in size and len(size) == 9
 
 
-def test_cpu_scale_presets_are_the_readme_main_job_with_the_target_layer_last():
+def test_cpu_presets_are_the_main_job_with_the_target_layer_last():
     """The cpu presets reuse the main job's size: its 2-layer Mamba 2 is the statesize grid's N = 128 config,
-    so the README's main-job runs are also that preset's runs; the paper's layer 4 of 8 becomes layer 2 of 2."""
-    cpu = train.presets("cpu")
-
-    def shared_and(name, config):
-        return train.resolve_config({**cpu[name][1], **cpu[name][2][config]})
-    for name, config, flags in (("statesize", "N128_default", []), ("statesize", "N128_mimetic", ["--mimetic"]),
+    so the main job's runs are also that preset's; the paper's layer 4 of 8 becomes layer 2 of 2."""
+    for name, config, flags in (("statesize", "N128_default", []), ("fig1", "mamba2_mimetic", ["--mimetic"]),
                                 ("fig1", "mamba1_mimetic", ["--mimetic", "--arch", "mamba1", "--d-state", "32"])):
         main_job = train.resolve_config(vars(train.build_parser().parse_args(["--task", "copy", *flags])))
-        assert shared_and(name, config) == main_job, (name, config)
-    assert shared_and("fig2", "hybrid")["pattern"] == "MA" and shared_and("fig2", "mimetic_l1")["mimetic_layers"] == "1"
-    assert shared_and("linattn", "linear1024")["pattern"] == "ML"
-    mqar = shared_and("tasks", "mqar_mimetic")
-    assert mqar["eval_lens"] == "8,16,32" and mqar["mimetic"] and mqar["vocab_size"] == 128
-    assert shared_and("ablation", "mamba2_none")["steps"] == 2000 and len(cpu["ablation"][2]) == 32
+        preset = preset_config(name, config, "cpu")
+        assert {k: v for k, v in preset.items() if k != "eval_lens"} == {k: v for k, v in main_job.items() if k != "eval_lens"}
+    assert preset_config("fig2", "hybrid", "cpu")["pattern"] == "MA"
+    assert preset_config("fig2", "mimetic_l1", "cpu")["mimetic_layers"] == [1]
+    assert preset_config("linattn", "linear1024", "cpu")["pattern"] == "ML"
+    assert preset_config("tasks", "mqar_mimetic_l1", "cpu")["eval_lens"] == [8, 16, 32]
+    assert preset_config("ablation", "mamba2_none", "cpu")["steps"] == 2000
     for scale in train.SCALES:  # every config of every preset is a valid one at both scales
         for name, (_, shared, grid) in train.presets(scale).items():
             for config, flags in grid.items():
                 train.resolve_config({**shared, **flags, "device": "cpu"})
 
 
+def test_dry_run_lists_every_run_with_its_size_and_trains_nothing(tmp_path, capsys):
+    train.main(["--preset", "fig2", "--dry-run", "--out", str(tmp_path)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 * 3 * 5 and not list(tmp_path.iterdir())  # configs × lrs × seeds
+    assert {line["lr"] for line in lines} == {1e-3, 5e-4, 1e-4} and {line["seed"] for line in lines} == set(range(5))
+    hybrid = next(line for line in lines if line["run"].endswith("hybrid/lr0.001/seed0"))
+    assert hybrid["pattern"] == "MMMAMMMM" and hybrid["params"] > 50_000_000
+
+
 def test_mimetic_flags_reach_the_model():
     base = dict(d_model=16, n_layers=2, d_state=4, headdim=8, arch="mamba2")
-    model = train.build_model(train.resolve_config(dict(base, mimetic_parts="A,conv", mimetic_layers="1")))
+    model = train.build_model(train.resolve_config(dict(base, mimetic_parts=["A", "conv"], mimetic_layers=[1])))
     first, second = model.layers[0].mixer, model.layers[1].mixer
     assert first.mimetic_c is None and second.mimetic_c is not None
     assert second.conv1d.weight[:, 0, :-1].abs().sum() == 0  # identity conv: only the current-token tap
@@ -166,21 +196,256 @@ def test_mimetic_flags_reach_the_model():
     assert all(block.mixer.mimetic_c is not None for block in default.layers)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The pipeline (Jelassi et al.): packed rows, AdamW on every parameter, linear schedule
+
+def test_packed_rows_are_the_pipelines():
+    """BOS x SEP y STOP examples joined to --pack tokens; labels on y and STOP of complete examples only."""
+    c = train.resolve_config(dict(task="copy", vocab_size=4, train_len=3, min_train_len=2, pack=20, batch_size=3))
+    inputs, targets = train.packed_batch(c, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (3, 19)
+    bos, sep, stop = 6, 4, 5
+    for row_in, row_tg in zip(inputs, targets):
+        seq = row_in.tolist() + [row_tg[-1].item() if row_tg[-1] >= 0 else -1]
+        starts = [i for i, t in enumerate(seq) if t == bos]
+        assert starts[0] == 0
+        for s, e in zip(starts, starts[1:] + [len(seq) + 1]):  # each example: BOS x SEP y STOP
+            example, labels = seq[s:e], row_tg.tolist()[s:e - 1]
+            complete = e <= len(seq)
+            if complete:
+                n = example.index(sep) - 1
+                assert example == [bos, *example[1:n + 1], sep, *example[1:n + 1], stop] and 2 <= n <= 3
+                assert labels == [-100] * (n + 1) + example[n + 2:]  # y and STOP labeled
+            else:
+                assert set(labels) <= {-100}  # the example the row's end cuts: no labels
+
+
+def test_weight_decay_policy_and_schedules():
+    model = train.build_model(train.resolve_config(dict(d_model=16, d_state=4, headdim=8)))
+    for policy, decayed in (("all", 0), ("matrices", 1)):
+        opt, _ = train.build_optimizer(model, train.resolve_config(dict(weight_decay_on=policy)))
+        no_decay = [id(p) for p in opt.param_groups[1]["params"]]
+        assert (id(model.layers[0].mixer.A_log) in no_decay) == bool(decayed)  # the pipeline decays A_log too
+    factors = {}
+    for schedule in ("linear", "cosine"):
+        c = train.resolve_config(dict(schedule=schedule, steps=1100, warmup=100, lr=1.0))
+        opt, sched = train.build_optimizer(torch.nn.Linear(1, 1), c)
+        factors[schedule] = [sched.lr_lambdas[0](s) for s in (0, 99, 100, 600, 1100)]
+    assert factors["linear"] == [0.01, 1.0, 1.0, 0.5, 0.0]
+    assert factors["cosine"][:3] == [0.01, 1.0, 1.0] and factors["cosine"][3] == pytest.approx(0.5) and factors["cosine"][4] == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics and summaries, on made-up runs with hand-computed answers
+
+def fake_run(folder, train_len, finals, lr=3e-3, c=8.0, failed=False, metric_values=None):
+    """A run folder whose last eval has the given final exact match per length (token acc 1 - it)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"train_len": train_len, "lr": lr, "c": c, "d_state": 16}))
+    row = lambda values: {"step": 10, **{m: {str(n): v if m != "token_acc" else 1 - v for n, v in values.items()}
+                                         for m in figures.METRICS}}
+    (folder / "metrics.jsonl").write_text(json.dumps(row(dict.fromkeys(finals, 0.0))) + "\n" + json.dumps(row(finals)))
+    if failed:
+        (folder / "failed").write_text("step 3: loss nan\n")
+
+
+def test_auc_and_longest_length_above_99_percent():
+    lens, accs = [10, 20, 30, 50], [1.0, 1.0, 0.5, 0.0]
+    assert figures.auc(lens, accs) == pytest.approx((10 * 1 + 10 * 0.75 + 20 * 0.25) / 40)
+    assert figures.max_length_above(lens, accs) == 20
+    assert figures.max_length_above(lens, [1.0, 0.99, 1.0, 1.0]) == 10  # must hold at every shorter length
+    assert figures.max_length_above(lens, [0.5, 1, 1, 1]) == 0 and figures.auc([16], [0.7]) == 0.7
+
+
+def test_best_learning_rate_is_picked_on_the_train_length_never_on_the_reported_one(tmp_path):
+    """lr 1e-3 is better at 2× but worse at the train length: the summary keeps 3e-3 and reports its 2×."""
+    for lr, (at1, at2) in ((1e-3, (0.5, 0.9)), (3e-3, (0.8, 0.1))):
+        for seed in (0, 1):
+            fake_run(tmp_path / "cfg" / f"lr{lr:g}" / f"seed{seed}", 4, {4: at1, 8: at2}, lr=lr)
+    fake_run(tmp_path / "cfg" / "lr0.01" / "seed0", 4, {4: 1.0, 8: 1.0}, lr=1e-2, failed=True)  # diverged: ignored
+    rows = figures.write_summary(tmp_path, ["cfg"])
+    assert rows[0]["lr"] == 3e-3 and rows[0]["exact_match@8"] == (pytest.approx(0.1), 0.0) and rows[0]["seeds"] == 2
+    text = (tmp_path / "summary.md").read_text()
+    assert "| cfg | 2 | 0.003 (best) | 8 | 0.800 ± 0.000 | 0.100 ± 0.000 |" in text
+    assert "failed runs" in text and "lr0.01/seed0" in text
+
+
+def test_summary_averages_seeds_and_names_lengths_when_configs_differ(tmp_path):
+    """Two configs with different eval lengths (copy vs mqar in the tasks preset)."""
+    for name, train_len, finals in (("copy", 16, (0.5, 1.0)), ("mqar", 8, (0.25, 0.25))):
+        for seed, final in enumerate(finals):
+            fake_run(tmp_path / name / f"seed{seed}", train_len, {train_len: final, 2 * train_len: final})
+    figures.write_summary(tmp_path, ["copy", "mqar"])
+    text = (tmp_path / "summary.md").read_text()
+    assert "| copy | 2 | 0.003 | 8 | 0.750 ± 0.354 @16 | 0.750 ± 0.354 @32 | 0.750 | 16 |" in text  # (0 + 32) / 2
+    assert "| mqar | 2 | 0.003 | 8 | 0.250 ± 0.000 @8 | 0.250 ± 0.000 @16 | 0.250 | 0 |" in text
+    assert "## token accuracy (mqar: zoology's per-query accuracy)" in text and "## string accuracy" in text
+    for name in ("summary.csv", "summary.png", "summary_final.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sweeps: skip finished runs, survive kills, share between processes, guard against divergence
+
+@pytest.mark.long
+def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp_path, capsys):
+    args = [*TINY, "--steps", "2", "--eval-every", "2", "--seeds", "0,1", "--lrs", "1e-3,3e-3", "--out", str(tmp_path)]
+    train.main(args)
+    config = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert sorted(str(p.relative_to(config)) for p in config.glob("*/seed*")) == [
+        "lr0.001/seed0", "lr0.001/seed1", "lr0.003/seed0", "lr0.003/seed1"]
+    for name in ("summary.csv", "summary.md", "summary.png", "summary_final.png", "summary_lengths.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    capsys.readouterr()
+    train.main(args)
+    assert capsys.readouterr().out.count("skip") == 4
+
+
+@pytest.mark.long
+def test_every_cpu_preset_runs(tmp_path):
+    """python train.py --preset NAME --scale cpu --sweep: the first config of each, for two steps."""
+    for name, (_, _, grid) in train.presets("cpu").items():
+        first = next(iter(grid))
+        train.main(["--preset", name, "--scale", "cpu", "--sweep", "--configs", first, "--seeds", "0", "--steps", "2",
+                    "--eval-every", "2", "--eval-batches", "1", "--threads", "1", "--out", str(tmp_path / name)])
+        assert (tmp_path / name / first / "seed0" / "done").exists() and (tmp_path / name / "summary.md").exists()
+
+
+@pytest.mark.long
+def test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path):
+    """SIGKILL (no handler runs) mid-way; the same command resumes from the last checkpoint and ends with
+    exactly the metrics of a run that was never stopped (CPU, same seed; packed rows, as the pipeline's)."""
+    args = [*TINY, "--steps", "150", "--eval-every", "10", "--checkpoint-every", "20", "--pack", "14"]
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, TRAIN_PY, *args, "--out", str(killed)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoint.pt").exists():
+        time.sleep(0.02)
+    process.kill()
+    process.communicate(timeout=60)
+    assert not (killed / "done").exists(), "the run finished before it could be killed"
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["run"]["step"]
+    resumed = run_cli(*args, "--out", str(killed))
+    assert resumed.returncode == 0 and f"resuming {killed} from step {step}" in resumed.stdout, resumed.stdout[-2000:]
+    same = lambda rows: [{k: r[k] for k in ("step", "loss", *figures.METRICS)} for r in rows]
+    assert 0 < step < 150 and same(rows_of(killed)) == same(rows_of(tmp_path / "whole"))
+
+
+@pytest.mark.long
+def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--steps", "300", "--eval-every", "10", "--checkpoint-every", "10", "--out", str(out)]
+    process = subprocess.Popen([sys.executable, TRAIN_PY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint_prev.pt").exists():
+        time.sleep(0.02)
+    process.kill()
+    process.communicate(timeout=60)
+    assert not (out / "done").exists(), "the run finished before it could be killed"
+    before = torch.load(out / "checkpoint_prev.pt", weights_only=False)["run"]["step"]
+    with open(out / "checkpoint.pt", "r+b") as f:  # cut short, as by a crash or a full disk
+        f.truncate(100)
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "unreadable" in resumed.stdout and f"resuming {out} from step {before}" in resumed.stdout
+    assert [r["step"] for r in rows_of(out)] == list(range(0, 301, 10))
+
+
+@pytest.mark.long
+def test_a_diverging_run_is_marked_failed_and_the_sweep_goes_on(tmp_path, capsys):
+    args = [*TINY, "--steps", "20", "--eval-every", "10", "--lrs", "1e9,1e-3", "--grad-clip", "0", "--out", str(tmp_path)]
+    train.main(args)
+    out = capsys.readouterr().out
+    config = next(p for p in tmp_path.iterdir() if p.is_dir())
+    failed = (config / "lr1e+09" / "seed0" / "failed").read_text()
+    assert "the run diverged; try a lower --lr" in failed and ("loss nan" in failed or "loss inf" in failed)
+    assert (config / "lr0.001" / "seed0" / "done").exists() and "the sweep goes on" in out
+    assert "lr1e+09/seed0" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:  # one run: exit status 1 after the one-line reason
+        train.main([*TINY, "--steps", "20", "--lr", "1e9", "--grad-clip", "0", "--out", str(tmp_path / "one")])
+    assert exit_info.value.code == 1 and (tmp_path / "one" / "failed").exists()
+
+
+@pytest.mark.long
+def test_resuming_with_other_flags_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, TRAIN_PY, *TINY, "--steps", "1000", "--checkpoint-every", "5",
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    process.kill()
+    process.communicate(timeout=60)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--steps", "1000", "--lr", "1e-4", "--out", str(out)])
+    assert exit_info.value.code == 2 and "--lr 0.003 there, 0.0001 here" in capsys.readouterr().err
+
+
+@pytest.mark.long
+def test_torchrun_shares_a_sweep_between_two_processes(tmp_path):
+    """Every run exists once, was trained by one rank, and rank 0's summary covers them all."""
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", TRAIN_PY, "--preset", "fig1", "--scale", "cpu",
+               "--sweep", "--seeds", "0", "--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--d-model", "16",
+               "--headdim", "8", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/seed0"))
+    assert [r.parent.name for r in runs] == sorted(train.PRESETS["fig1"][2])
+    ranks = [(r / "trained_by").read_text().splitlines() for r in runs]
+    assert all(len(lines) == 1 for lines in ranks) and {lines[0] for lines in ranks} == {"rank 0 of 2", "rank 1 of 2"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"| {name} | 1 |" in summary for name in train.PRESETS["fig1"][2])
+    three = subprocess.run([c if c != "2" else "3" for c in command[:4]] + command[4:] + ["--steps", "3"],
+                           capture_output=True, text=True, timeout=600, cwd=HERE)  # finished runs count
+    assert three.returncode == 0 and three.stdout.count("skip") == 4, three.stderr[-2000:]
+    (runs[0] / "done").unlink()
+    too_many = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert too_many.returncode != 0 and "2 processes for 1 unfinished run; use --nproc_per_node 1" in too_many.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py eval: a finished run at new lengths
+
+@pytest.mark.long
+def test_eval_command_evaluates_new_lengths_and_redraws_the_maps(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main([*TINY, "--steps", "4", "--eval-every", "4", "--out", str(out)])
+    capsys.readouterr()
+    train.main(["eval", str(out), "--lens", "5,12", "--example-len", "6"])
+    assert "12 |" in capsys.readouterr().out
+    evals = json.loads((out / "eval.json").read_text())
+    assert set(evals["copy"]) == {"5", "12"} and set(evals["copy"]["12"]) == set(figures.METRICS)
+    assert (out / "attention_eval.png").stat().st_size > 0
+    train.main(["eval", str(out), "--task", "stack", "--lens", "4"])  # same tokens: a probe of another task
+    assert set(json.loads((out / "eval.json").read_text())) == {"copy", "stack"}
+    for argv, message in (([str(tmp_path)], "no readable checkpoint"), ([str(out), "--task", "mqar"], "needs")):
+        with pytest.raises(SystemExit):
+            train.main(["eval", *argv])
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training learns
+
 @pytest.mark.long
 def test_a_tiny_model_learns_to_copy():
     """Copying 4 tokens of a 4-letter vocabulary: chance exact match is 4^-4 ≈ 0.004 (times P(STOP));
-    seeds 0, 1, 2 all reach 1.0 in these 300 steps (~11 s)."""
+    seeds 0, 1, 2 all reach 1.0 in these 300 steps."""
     final = train.train(dict(d_model=32, n_layers=2, d_state=16, headdim=16, vocab_size=4, train_len=4,
-                             min_train_len=4, eval_lens="4", steps=300, batch_size=32, lr=3e-3, warmup=30,
+                             min_train_len=4, eval_lens=[4], steps=300, batch_size=32, lr=3e-3, warmup=30,
                              eval_every=300, mimetic=True, threads=1, device="cpu"))
     assert final["exact_match"]["4"] >= 0.5
 
 
 @pytest.mark.slow
 def test_mimetic_beats_default_on_the_cpu_main_job():
-    """The default CLI config, seed 0, both inits (~8 min on one CPU thread): mimetic copies the train
-    length and generalizes to 2× (0.99 / 0.65); default init copies the train length (0.98) but gets 0 at 2×
-    (all seeds: RESULTS.md, "The main job")."""
+    """The default CLI config, seed 0, both inits (~2.5 min on one CPU thread): mimetic copies the train
+    length and generalizes to 2×; default init copies the train length but not 2× (RESULTS.md)."""
     mimetic, default = (train.train(dict(mimetic=init, seed=0, threads=1, device="cpu")) for init in (True, False))
     assert mimetic["exact_match"]["16"] >= 0.9
     assert mimetic["exact_match"]["32"] >= default["exact_match"]["32"] + 0.3
+    assert math.isfinite(mimetic["loss"])

@@ -1,144 +1,247 @@
 """train.py — train Mamba, hybrids and attention baselines on the recall tasks, with or without mimetic init.
 
-    python train.py --task copy --mimetic              # the main job: a few minutes on a laptop CPU
+    python train.py --task copy --mimetic              # the main job: about 75 s on one CPU thread
     python train.py --task copy                        # the same model with the default init, for contrast
-    python train.py --preset ablation --sweep          # a grid of the paper's setups (GPU-sized), seeds × configs
-    python train.py --preset ablation --scale cpu --sweep   # the same grid at the main job's CPU size
+    python train.py --preset fig1 --scale cpu --sweep  # a paper setup at the main job's size: configs × seeds
+    python train.py --preset fig1 --dry-run            # every run of the paper-sized grid and its size; no training
+    torchrun --nproc_per_node 2 train.py --preset fig1 --scale cpu --sweep   # the sweep shared by 2 processes
+    python train.py eval runs/RUN --lens 32,64,128     # a finished run at new lengths, and its attention maps
     python train.py plot runs/A runs/B --out cmp.png   # overlay runs (mean ± std over the seeds a folder holds)
 
-A run folder gets config.json, metrics.jsonl / metrics.csv (one row per eval), checkpoint.pt, accuracy.png
-(dotted: train length, solid: longer) and attention_init.png / attention_final.png (each layer's average
-attention map and average mask ∏Ā, §2 of Trockman et al. 2024). Ctrl-C stops early and still writes them all.
+A run folder gets config.json, metrics.jsonl / metrics.csv (one row per eval), checkpoint.pt (every
+--checkpoint-every steps and at the end), accuracy.png (dotted: train length, solid: longer) and
+attention_init.png / attention_final.png (each layer's average attention map and mask ∏Ā, §2 of
+Trockman et al. 2024). The same command again resumes an unfinished run from its last checkpoint, and a
+sweep skips finished runs. Ctrl-C (or SIGTERM) stops at the next step boundary and writes it all; a loss
+that turns NaN or Inf marks the run failed.
 
 The defaults are the CPU main job: a 2-layer Mamba 2 (d_model 64, N 128) copying strings of 2–16 of 64
-tokens for 4000 steps, evaluated at lengths 16, 32 and 64 (a few minutes on 2 cores). The presets set the
-paper's GPU-sized setups instead (d_model 256, length 50, 5000 steps), or with --scale cpu the same grids at
-the main job's size.
+tokens for 4000 steps, evaluated at lengths 16, 32 and 64. --preset NAME sets the paper's setups (§3–§5),
+at the paper's size (--scale paper, for a GPU; values the paper leaves open come from the training
+pipeline it names, Jelassi et al.'s transformers_ssm_copy, or from zoology for MQAR) or at the main job's
+(--scale cpu); `--preset NAME --dry-run` lists a grid with where each value comes from.
 """
 import argparse
-import csv
 import dataclasses
-import itertools
+import datetime
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")  # figures go to files; no display needed
-import matplotlib.pyplot as plt
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from mimetic import (LM, TASKS, ModelConfig, SelectiveSSM, attention_map, attention_mask, evaluate, make_batch,
-                     mimetic_init_, task_vocab_size)
+import figures
+from mimetic import COPY_TASKS, LM, TASKS, ModelConfig, evaluate, make_batch, mimetic_init_, task_vocab_size
 
 PARTS = ("A", "dt", "bc", "conv")
 ARCHS = ("mamba1", "mamba2", "attention", "linear")
 
-# ----------------------------------------------------------------------------------------------------
-# Command line and presets
 
-# The paper's setups (§3–§5) as name: (description, shared flags, grid: {config name: flags}), at two scales.
-# "paper" is the paper's size, for a GPU: Mamba 1 with N = 32, Mamba 2 with N = 128 and head dim 64, strings
-# of 50, 5000 steps (the paper swept lr over {1e-3, 5e-4, 1e-4}). "cpu" is the README's main job: 2 layers
-# of width 64, strings of 2–16 of 64 tokens, 4000 steps; the paper's "layer 4 of 8" becomes layer 2 of 2.
-SCALES = {"paper": dict(d_model=256, train_len=50, vocab_size=26, steps=5000, batch_size=64, lr=1e-3),
-          "cpu": dict(d_model=64, train_len=16, vocab_size=64, steps=4000, batch_size=32, lr=3e-3)}
+# ----------------------------------------------------------------------------------------------------
+# The paper's setups. Beside each value: where it comes from.
+
+PAPER_COPY = dict(  # the copying pipeline at the paper's size (Jelassi et al.'s transformers_ssm_copy)
+    task="copy", vocab_size=26,         # pipeline: main.py --vocab_size 26 (the letters a-z)
+    d_model=1024,                       # §3 Fig. 3 "hidden size 1024 as in Jelassi et al."; main.py --hidden_size
+    train_len=50, min_train_len=5,      # §3 "copy 50-character strings"; main.py --min_train_len 5
+    pack=220, batch_size=8,             # pipeline: examples packed into --context_len 220, --train_batch_size 8
+    steps=5000,                         # §5 "All trials are for 5000 steps unless otherwise noted"
+    lrs=[1e-3, 5e-4, 1e-4],             # §8 "We swept learning rates over {0.001, 0.0005, 0.0001}"
+    seeds=[0, 1, 2, 3, 4],              # §5 "Error bars are computed over five seeds"
+    c=8.0,                              # §3 "We choose c from {2,4,8}"; Fig. 3 "we fix c = 8"
+    weight_decay=0.1, weight_decay_on="all", beta2=0.999,  # pipeline: train_utils.py AdamW(..., weight_decay=0.1)
+    schedule="linear", warmup=100, grad_clip=1.0,          # pipeline: get_scheduler("linear", 100 warmup), clip 1.0
+    eval_batches=4,                     # our choice: 256 examples per length (the pipeline evaluates 24)
+)
+PAPER_MQAR = dict(  # MQAR at the paper's size: zoology, which §8 names for it
+    task="mqar", vocab_size=8192,       # zoology: VOCAB_SIZE = 8_192
+    mqar_tokens_per_pair=16,            # zoology: (64, 4), (128, 8), (256, 16) tokens and pairs
+    pack=0, min_train_len=None, batch_size=64,  # our choice: one fixed length per run, as zoology trains
+    schedule="cosine",                  # zoology: cosine schedule
+)
+CPU = dict(  # the README's main job: the train.py defaults
+    task="copy", vocab_size=64, d_model=64, train_len=16, min_train_len=2, pack=0, batch_size=32, steps=4000,
+    lrs=[3e-3], seeds=[0, 1, 2], c=8.0, weight_decay=0.1, weight_decay_on="matrices", beta2=0.95,
+    schedule="cosine", warmup=100, grad_clip=1.0, eval_batches=4)
+CPU_MQAR = dict(task="mqar", vocab_size=128, train_len=8, min_train_len=None, mqar_tokens_per_pair=6)
+MAMBA1 = dict(arch="mamba1", d_state=32)  # §5 "For all Mamba 1 experiments, we use state size 32"
+MAMBA2 = dict(arch="mamba2", d_state=128, headdim=64)  # §5 "state size 128 unless otherwise noted", "head dimension 64"
+MAMBA2_CPU = dict(arch="mamba2", d_state=128, headdim=32)  # the main job's Mamba 2
 
 
 def presets(scale):
+    """{name: (description, shared flags, {config name: flags})} at `scale`, "paper" or "cpu"."""
     paper = scale == "paper"
-    base = dict(SCALES[scale], task="copy", n_layers=4 if paper else 2)
-    m1, m2 = dict(arch="mamba1", d_state=32), dict(arch="mamba2", d_state=128, headdim=64 if paper else 32)
-    depth, target = (8, 3) if paper else (2, 1)  # the hybrids' depth and their one non-Mamba layer (0-based)
-
-    def hybrid(letter):  # e.g. MMMAMMMM
-        return "M" * target + letter + "M" * (depth - target - 1)
-    inits = {"default": {}, "mimetic": dict(mimetic=True), "hybrid": dict(pattern=hybrid("A"))}
-    task_flags = {"stack": {}, "sort": dict(vocab_size=512),  # the paper's sort vocabulary
-                  "mqar": dict(vocab_size=8192) if paper else dict(vocab_size=128, train_len=8)}  # 6 tokens a pair
+    base, m1, m2 = (PAPER_COPY, MAMBA1, MAMBA2) if paper else (CPU, MAMBA1, MAMBA2_CPU)
+    mqar = {**PAPER_MQAR, "train_len": 50} if paper else CPU_MQAR
+    depth, target = (8, 3) if paper else (2, 1)  # §4 "just one layer ... (Layer 4) of an 8-layer Mamba"; 0-based
+    hybrid = lambda letter: "M" * target + letter + "M" * (depth - target - 1)  # e.g. MMMAMMMM
+    one = dict(mimetic=True, mimetic_layers=[target])
+    inits = {"default": {}, f"mimetic_l{target}": one, "hybrid": dict(pattern=hybrid("A"))}
+    long_eval = dict(eval_lens=[50, 100, 150, 200, 250, 300, 400, 500] if paper else [16, 24, 32, 48, 64, 96, 128])
     return {
-        "fig1": ("Fig. 1: Mamba 1 and Mamba 2 on copy, default vs mimetic", base,
-                 {f"{arch}_{init}": dict(flags, **inits[init]) for arch, flags in (("mamba1", m1), ("mamba2", m2))
-                  for init in ("default", "mimetic")}),
-        "fig2": (f"Fig. 2: {depth}-layer Mamba 2 with attention as layer {target + 1}, vs mimetic init of that "
-                 "layer only", dict(base, n_layers=depth, **m2),
-                 {"hybrid": inits["hybrid"], "default": {}, f"mimetic_l{target}": dict(mimetic_layers=str(target))}),
-        "ablation": ("Fig. 3: the 16 on/off combinations of A, dt, bc, conv for Mamba 1 and 2, "
-                     + ("4 layers (the paper: 24 × d_model 1024)" if paper else "2000 steps"),
-                     dict(base, **({} if paper else dict(steps=2000))),
-                     {f"{arch}_{'+'.join(parts) or 'none'}": dict(arch_flags, mimetic_parts=",".join(parts))
-                      for arch, arch_flags in (("mamba1", m1), ("mamba2", m2))
-                      for k in range(len(PARTS) + 1) for parts in itertools.combinations(PARTS, k)}),
-        "tasks": ("Fig. 4: stack-order copy, MQAR and sorting: Mamba 2 default vs mimetic vs the attention hybrid",
-                  dict(base, n_layers=depth, **m2),
-                  {f"{task}_{init}": dict(flags, task=task, **inits[init])
-                   for task, flags in task_flags.items() for init in inits}),
-        "linattn": (f"Fig. 5: layer {target + 1} of {depth} as linear attention (head dim 8/32/1024) vs mimetic "
-                    "Mamba 2 there with N = 32 / 64", dict(base, n_layers=depth, **m2),
+        "fig1": ("Fig. 1: §4 'mimetic initialization allows a small 4-layer Mamba to learn to copy strings with "
+                 "twice the training length'; Mamba 1 and 2, default vs mimetic on every layer",
+                 {**base, "n_layers": 4 if paper else 2},
+                 {"mamba1_default": m1, "mamba1_mimetic": {**m1, "mimetic": True},
+                  "mamba2_default": m2, "mamba2_mimetic": {**m2, "mimetic": True}}),
+        "fig2": (f"Fig. 2 and §4: a {depth}-layer Mamba 2 with softmax attention as layer {target + 1}, vs mimetic "
+                 "init of that layer only ('one mimetic init is all you need?'), vs default",
+                 {**base, **m2, "n_layers": depth}, inits),
+        "ablation": ("Fig. 3: the 16 on/off combinations of A, Δ, W_CᵀW_B and conv for Mamba 1 and 2; "
+                     + ("'a 24-layer Mamba with hidden size 1024', strings of 50, evaluated at 100 and 300, 10 seeds"
+                        if paper else "2000 steps, evaluated at 2× and 6× as the paper's 100 and 300")
+                     + "; add --cs 2,4,8 to sweep c as §3 did",
+                     {**base, "n_layers": 24, "eval_lens": [50, 100, 300], "seeds": list(range(10))} if paper else
+                     {**base, "steps": 2000, "eval_lens": [16, 32, 96]},
+                     {f"{arch}_{'+'.join(parts) or 'none'}": {**flags, "mimetic_parts": list(parts)}
+                      for arch, flags in (("mamba1", m1), ("mamba2", m2)) for parts in _subsets(PARTS)}),
+        "tasks": (f"Fig. 4: stack-order copy, MQAR and sorting (vocab 512, no repeats), {depth}-layer Mamba 2: "
+                  f"default, mimetic init of layer {target + 1} only, the attention hybrid, and (ours, extra) "
+                  "mimetic init of every layer",
+                  {**base, **m2, "n_layers": depth},
+                  {f"{task}_{init}": {**flags, **init_flags}
+                   for task, flags in (("stack", dict(task="stack")), ("sort", dict(task="sort", vocab_size=512)),
+                                       ("mqar", mqar))
+                   for init, init_flags in {**inits, "mimetic_all": dict(mimetic=True)}.items()}),
+        "linattn": (f"Fig. 5: layer {target + 1} of a {depth}-layer Mamba 2 (the others default, N = 128) is "
+                    "causal linear attention with head dim 8 / 32 / 1024, or mimetic Mamba 2 with N = 32 / 64. "
+                    "Mamba 2 because Mamba 1 always has N = 32 (§5) and this figure varies N; the configs differ "
+                    "in that one layer only",
+                    {**base, **m2, "n_layers": depth, "eval_lens": [50, 100, 200] if paper else [16, 32, 64]},
                     {**{f"linear{k}": dict(pattern=hybrid("L"), linear_head_dim=k) for k in (8, 32, 1024)},
-                     **{f"mamba_N{n}_mimetic_l{target}": dict(d_state=n, mimetic_layers=str(target))
-                        for n in (32, 64)}}),
-        "statesize": ("Fig. 7: Mamba 2 with state size N = 16…256, default vs mimetic", dict(base, **m2),
-                      {f"N{n}_{init}": dict(d_state=n, **inits[init])
-                       for n in (16, 32, 64, 128, 256) for init in ("default", "mimetic")}),
-        "mamba41": ("Mamba paper §4.1: selective copying and induction heads, 2-layer Mamba 1 (d_model 64, N 16), "
-                    "default init", dict(base, n_layers=2, d_model=64, arch="mamba1", d_state=16, vocab_size=16),
-                    {"selective_copy": dict(task="selective_copy", train_len=4096 if paper else 64),
-                     "induction": dict(task="induction", train_len=256 if paper else 64,
-                                       eval_lens="256,1024,4096,16384" if paper else "64,256,1024")}),
+                     **{f"mamba_N{n}_mimetic_l{target}": {**one, "layer_d_state": {target: n}} for n in (32, 64)}}),
+        "vocab": ("Fig. 6: vocabulary size, Mamba 1 and 2, default vs mimetic (the paper does not list its "
+                  "vocabularies: ours, from the pipeline's 26 up)", {**base, "n_layers": 4 if paper else 2},
+                  {f"{arch}_V{v}_{init}": {**flags, "vocab_size": v, **({"mimetic": True} if init == "mimetic" else {})}
+                   for arch, flags in (("mamba1", m1), ("mamba2", m2)) for v in ((26, 128, 512, 2048) if paper
+                                                                                 else (16, 64, 256, 1024))
+                   for init in ("default", "mimetic")}),
+        "statesize": ("Fig. 7: Mamba 2 state size N = 16 … 512, default vs mimetic, evaluated over a range of "
+                      "lengths for the area under accuracy vs length and the longest length above 99%",
+                      {**base, **m2, "n_layers": 4 if paper else 2, **long_eval},
+                      {f"N{n}_{init}": {"d_state": n, **({"mimetic": True} if init == "mimetic" else {})}
+                       for n in (16, 32, 64, 128, 256, 512) for init in ("default", "mimetic")}),
+        "size": ("Fig. 8: width × depth on copy (Mamba 1 and 2) and MQAR (Mamba 2), default vs mimetic ('a mere two "
+                 "layers seems to be sufficient'); the paper does not list its sizes: ours"
+                 + ("" if paper else "; at cpu scale a cross of widths at depth 2 and depths at width 64"), base,
+                 {f"{task}_{arch}_d{d}_L{n}_{init}": {**flags, **task_flags, "d_model": d, "n_layers": n,
+                                                      **({"mimetic": True} if init == "mimetic" else {})}
+                  for task, arch, flags, task_flags in (("copy", "mamba1", m1, {}), ("copy", "mamba2", m2, {}),
+                                                         ("mqar", "mamba2", m2, mqar))
+                  for d, n in ([(d, n) for d in (256, 512, 1024) for n in (2, 4, 8)] if paper else
+                               [(64, 1), (64, 2), (64, 4), (32, 2), (128, 2)])
+                  for init in ("default", "mimetic")}),
+        "long": ("Fig. 9: a 2-layer Mamba 2 (d_model " + ("1024" if paper else "64") + ") trained on long strings "
+                 "(the paper: copying ~4000, MQAR ~1800) and on MQAR with many pairs, default vs mimetic; one "
+                 "example per row (the pipeline's 220-token rows cannot hold them)",
+                 {**base, **m2, "n_layers": 2, "pack": 0, **({"batch_size": 8} if paper else {})},
+                 {f"{task}_{n}_{init}": {**flags, "train_len": n, **({"mimetic": True} if init == "mimetic" else {})}
+                  for task, flags, lengths in (("copy", {}, (500, 1000, 2000, 4000) if paper else (16, 32, 64, 128)),
+                                               ("mqar", mqar if paper else {**mqar, "vocab_size": 1024},
+                                                (16, 32, 64, 128) if paper else (8, 16, 32, 64)))
+                  for n in lengths for init in ("default", "mimetic")}),
+        "mamba41": ("Mamba paper §4.1: selective copying and induction heads with its 2-layer Mamba 1 (d_model 64, "
+                    "N 16, 16 tokens), default init" + ("" if paper else "; sequences of 64, not 256 and 4096"),
+                    {**base, **MAMBA1, "n_layers": 2, "d_model": 64, "d_state": 16, "vocab_size": 16, "pack": 0},
+                    {"selective_copy": dict(task="selective_copy", min_train_len=None,
+                                            train_len=4096 if paper else 64),
+                     "induction": dict(task="induction", min_train_len=None, train_len=256 if paper else 64,
+                                       eval_lens=[256, 1024, 4096, 16384] if paper else [64, 256, 1024])}),
     }
 
 
-PRESETS = presets("paper")
+def _subsets(items):
+    return [tuple(x for i, x in enumerate(items) if mask >> i & 1) for mask in range(2 ** len(items))]
 
-# (flag, default, type, help); None defaults are resolved in resolve_config
+
+PRESETS = presets("paper")
+SCALES = ("paper", "cpu")
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: (flag, default, parser, help); list flags parse once, into lists
+
+def int_list(text):
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def float_list(text):
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def part_list(text):
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def layer_states(text):
+    """'3:32,5:64' → {3: 32, 5: 64}"""
+    return {int(i): int(n) for i, n in (item.split(":") for item in text.split(",") if item.strip())}
+
+
 OPTIONS = [
     ("task", "copy", str, "recall task: " + ", ".join(TASKS)),
     ("arch", "mamba2", str, "layer type of every layer: mamba1, mamba2, attention (softmax) or linear (attention)"),
     ("pattern", None, str, "one letter per layer for hybrids, M Mamba / A attention / L linear, e.g. MMMAMMMM"),
     ("mimetic", False, None, "mimetic init with the paper's parts for the arch: A, dt, bc (+ conv for mamba2)"),
-    ("mimetic_parts", None, str, "comma-separated subset of A,dt,bc,conv to apply (implies --mimetic)"),
-    ("mimetic_layers", None, str, "comma-separated 0-based layer indices to initialize (default: all Mamba layers)"),
+    ("mimetic_parts", None, part_list, "comma-separated subset of A,dt,bc,conv to apply (implies --mimetic)"),
+    ("mimetic_layers", None, int_list, "comma-separated 0-based layer indices to initialize (default: all Mamba)"),
     ("c", 8.0, float, "mimetic A reparameterization A = -exp(-c·A_log)"),
+    ("cs", None, float_list, "sweep c over these values (with --sweep); default: --c"),
     ("d_model", 64, int, "model width"),
     ("n_layers", 2, int, "number of layers"),
     ("d_state", 128, int, "state size N (paper: 32 for mamba1, 128 for mamba2)"),
+    ("layer_d_state", None, layer_states, "state sizes of particular layers, e.g. 1:32 (Fig. 5)"),
     ("headdim", 32, int, "mamba2 head dimension (paper: 64)"),
     ("expand", 2, int, "Mamba inner width = expand · d_model"),
     ("n_heads", 1, int, "heads of attention / linear attention layers"),
     ("linear_head_dim", 32, int, "query/key features per head of linear attention layers"),
     ("vocab_size", 64, int, "number of content tokens of the task (the LM adds the task's special tokens)"),
-    ("train_len", 16, int, "task length used for training (copy: string length)"),
-    ("min_train_len", None, int, "draw each batch's length uniformly from [this, train_len] (default: 2 for copy, "
-     "stack and sort, since one fixed length teaches copying by position, which fails at 2x (README); train_len "
-     "for the other tasks)"),
-    ("eval_lens", None, str, "comma-separated eval lengths (default: 1×, 2× and 4× the train length)"),
+    ("train_len", 16, int, "task length used for training (copy: string length; mqar: key-value pairs)"),
+    ("min_train_len", None, int, "draw each batch's (with --pack: each example's) length uniformly from [this, "
+     "train_len] (default: 2 for copy, stack and sort, since one fixed length teaches copying by position, which "
+     "fails at 2x; train_len for the other tasks)"),
+    ("mqar_tokens_per_pair", 6, int, "mqar sequence length per key-value pair (zoology's configs: 16)"),
+    ("pack", 0, int, "Jelassi et al.'s rows: examples BOS x SEP y STOP packed into this many tokens, lengths drawn "
+     "per example (their --context_len 220); 0: one example per row (copy, stack, sort only)"),
+    ("eval_lens", None, int_list, "comma-separated eval lengths (default: 1×, 2× and 4× the train length)"),
     ("steps", 4000, int, "optimizer steps"),
-    ("batch_size", 32, int, "training batch size"),
-    ("lr", 3e-3, float, "peak learning rate (AdamW, linear warmup then cosine decay to 0)"),
+    ("batch_size", 32, int, "training batch size (rows)"),
+    ("lr", 3e-3, float, "peak learning rate"),
+    ("lrs", None, float_list, "sweep the learning rate over these values (with --sweep); default: --lr"),
+    ("schedule", "cosine", str, "linear warmup, then cosine (ours) or linear (Jelassi et al.'s) decay to 0"),
     ("warmup", 100, int, "warmup steps"),
-    ("weight_decay", 0.1, float, "AdamW weight decay (none on 1-D params or those marked _no_weight_decay)"),
+    ("weight_decay", 0.1, float, "AdamW weight decay"),
+    ("weight_decay_on", "matrices", str, "matrices: none on 1-D params or those marked _no_weight_decay (A_log, "
+     "D, dt_bias), as mamba_ssm; all: every parameter, as Jelassi et al.'s pipeline"),
+    ("beta2", 0.95, float, "AdamW β2 (β1 = 0.9; the pipeline: torch's default 0.999)"),
     ("grad_clip", 1.0, float, "gradient norm clip (0: off)"),
     ("eval_every", 250, int, "evaluate every this many steps (and at the end)"),
     ("eval_batches", 4, int, "batches of 64 examples per eval length"),
+    ("checkpoint_every", 1000, int, "write checkpoint.pt every this many steps (and at the end)"),
     ("seed", 0, int, "random seed"),
-    ("seeds", None, str, "comma-separated seeds, run one after another (sweep layout)"),
+    ("seeds", None, int_list, "comma-separated seeds (a sweep); default: --seed"),
     ("device", "auto", str, "auto, cpu or cuda"),
     ("dtype", "fp32", str, "fp32 or bf16 (bf16 autocast, CUDA only)"),
-    ("threads", None, int, "torch.set_num_threads (default: torch's choice)"),
+    ("threads", None, int, "torch.set_num_threads (default: torch's choice; under torchrun: cores / processes)"),
     ("out", None, str, "run folder (default: runs/<task>_<arch>_<init>_s<seed>, or runs/<preset>_<scale> for sweeps)"),
-    ("preset", None, str, "the paper's setups (your flags override): "
-     + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
-    ("scale", None, str, "size of the --preset setups: paper (for a GPU; the default) or cpu (README's CPU size)"),
-    ("sweep", False, None, "run every config of the preset × every seed into subfolders of --out, skip finished ones"),
+    ("preset", None, str, "the paper's setups (your flags override): " + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
+    ("scale", None, str, "size of the --preset setups: paper (for a GPU; the default) or cpu (the main job's size)"),
+    ("configs", None, part_list, "only these configs of the --preset (comma-separated names)"),
+    ("sweep", False, None, "run every config × lr × c × seed into subfolders of --out, skipping finished runs"),
+    ("dry_run", False, None, "print every run of the grid (JSON lines) and its parameter count; train nothing"),
 ]
 CHOICES = {"task": TASKS, "arch": ARCHS, "device": ("auto", "cpu", "cuda"), "dtype": ("fp32", "bf16"),
-           "preset": tuple(PRESETS), "scale": tuple(SCALES)}
-
+           "preset": tuple(PRESETS), "scale": SCALES, "schedule": ("cosine", "linear"),
+           "weight_decay_on": ("matrices", "all")}
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
+SWEEP_KEYS = ("lrs", "cs", "seeds")  # lists a run's config holds one value of (lr, c, seed)
+GRID_KEYS = SWEEP_KEYS + ("out", "preset", "scale", "configs", "sweep", "dry_run")  # flags of the grid, not of one run
 
 
 def build_parser(with_defaults=True):
@@ -147,7 +250,7 @@ def build_parser(with_defaults=True):
     parser = argparse.ArgumentParser(description=head, epilog=tail, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=None if with_defaults else argparse.SUPPRESS)
     for name, default, kind, help_text in OPTIONS:
-        flag = "--" + name.replace("_", "-")
+        flag, help_text = "--" + name.replace("_", "-"), help_text.replace("%", "%%")  # argparse formats help
         extra = {"default": default} if with_defaults else {}
         if kind is None:
             parser.add_argument(flag, action="store_true", help=help_text, **extra)
@@ -157,47 +260,43 @@ def build_parser(with_defaults=True):
     return parser
 
 
-def int_list(text, what):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{what} is empty")
-    return values
-
-
 def resolve_config(config):
-    """Fill in derived fields and check combinations; raises ValueError naming the problem."""
-    c = dict(DEFAULTS, **config)
+    """One run's config: defaults filled in, derived fields set, combinations checked (ValueError naming the
+    problem)."""
+    c = {k: v for k, v in dict(DEFAULTS, **config).items() if k not in GRID_KEYS}
     if c["arch"] in ("attention", "linear"):
         c["pattern"] = c["pattern"] or ("A" if c["arch"] == "attention" else "L") * c["n_layers"]
     c["n_layers"] = len(c["pattern"]) if c["pattern"] else c["n_layers"]
     if c["mimetic_parts"] is not None:
-        parts = [p.strip() for p in c["mimetic_parts"].split(",") if p.strip()]
-        if bad := [p for p in parts if p not in PARTS]:
+        if bad := [p for p in c["mimetic_parts"] if p not in PARTS]:
             raise ValueError(f"unknown --mimetic-parts {bad}; choose from {','.join(PARTS)}")
-        c["mimetic"] = bool(parts)
+        c["mimetic"] = bool(c["mimetic_parts"])
     if c["mimetic_layers"] is not None:
-        int_list(c["mimetic_layers"], "--mimetic-layers")
         c["mimetic"] = True
     if c["mimetic"] and c["pattern"] and "M" not in c["pattern"]:
         raise ValueError(f"mimetic init needs Mamba layers, but pattern {c['pattern']} has none")
-    c["eval_lens"] = c["eval_lens"] or f"{c['train_len']},{2 * c['train_len']},{4 * c['train_len']}"
-    for name in ("train_len", "steps", "batch_size", "eval_every", "eval_batches", "d_model", "n_layers", "vocab_size"):
+    c["eval_lens"] = c["eval_lens"] or [c["train_len"], 2 * c["train_len"], 4 * c["train_len"]]
+    for name in ("train_len", "steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every", "d_model",
+                 "n_layers", "vocab_size", "mqar_tokens_per_pair", "lr"):
         if c[name] <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {c[name]}")
     if c["min_train_len"] is None:  # a range of lengths teaches copying by content, not by position
-        c["min_train_len"] = min(2, c["train_len"]) if c["task"] in ("copy", "stack", "sort") else c["train_len"]
+        c["min_train_len"] = min(2, c["train_len"]) if c["task"] in COPY_TASKS else c["train_len"]
     if not 0 < c["min_train_len"] <= c["train_len"]:
         raise ValueError(f"--min-train-len must be in [1, --train-len={c['train_len']}], got {c['min_train_len']}")
-    if min(int_list(c["eval_lens"], "--eval-lens")) <= 0:
+    if min(c["eval_lens"]) <= 0:
         raise ValueError(f"--eval-lens must be positive lengths, got {c['eval_lens']}")
-    for length in {c["min_train_len"], c["train_len"], *int_list(c["eval_lens"], "--eval-lens")}:
+    if c["pack"] and c["task"] not in COPY_TASKS:
+        raise ValueError(f"--pack is Jelassi et al.'s copying pipeline: for {', '.join(COPY_TASKS)}, not {c['task']}")
+    if c["pack"] and c["pack"] < 2 * c["train_len"] + 3:
+        raise ValueError(f"--pack {c['pack']} cannot hold one example of length {c['train_len']} "
+                         f"({2 * c['train_len'] + 3} tokens with BOS, SEP and STOP)")
+    for length in {c["min_train_len"], c["train_len"], *c["eval_lens"]}:
         try:  # the task's own limits, e.g. mqar's distinct keys: fail now, not at the first eval
-            make_batch(c["task"], 1, length, vocab_size=c["vocab_size"])
+            make_batch(c["task"], 1, length, vocab_size=c["vocab_size"], seq_len=mqar_seq_len(c, length))
         except ValueError as e:
             raise ValueError(f"{c['task']} at length {length} with --vocab-size {c['vocab_size']}: {e}") from None
+    ModelConfig(**model_config_kwargs(c))  # the model's own checks (pattern, layer_d_state, ...)
     if c["device"] == "auto":
         c["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if c["device"] == "cuda" and not torch.cuda.is_available():
@@ -207,211 +306,252 @@ def resolve_config(config):
     return c
 
 
+def mqar_seq_len(c, length):
+    return c["mqar_tokens_per_pair"] * length if c["task"] == "mqar" else None
+
+
 def run_name(c):
     arch = f"{c['arch']}-{c['pattern']}" if c["arch"] in ("mamba1", "mamba2") and c["pattern"] else c["arch"]
     init = "default"
     if c["mimetic"]:
-        init = "mimetic" + (f"-{c['mimetic_parts'].replace(',', '+')}" if c["mimetic_parts"] else "")
-        init += f"-l{c['mimetic_layers'].replace(',', '+')}" if c["mimetic_layers"] else ""
+        init = "mimetic" + (f"-{'+'.join(c['mimetic_parts'])}" if c["mimetic_parts"] else "")
+        init += f"-l{'+'.join(map(str, c['mimetic_layers']))}" if c["mimetic_layers"] else ""
     return f"{c['task']}_{arch}_{init}"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model, optimizer, schedule
+# Model, optimizer, schedule, batches
+
+def model_config_kwargs(c):
+    arch = c["arch"] if c["arch"] in ("mamba1", "mamba2") else "mamba1"  # no M layers: the block type is unused
+    return dict(vocab_size=task_vocab_size(c["task"], c["vocab_size"]) + (1 if c["pack"] else 0),  # + BOS
+                d_model=c["d_model"], n_layers=c["n_layers"], arch=arch, pattern=c["pattern"], d_state=c["d_state"],
+                expand=c["expand"], headdim=c["headdim"], n_heads=c["n_heads"], linear_head_dim=c["linear_head_dim"],
+                layer_d_state=c["layer_d_state"])
+
 
 def build_model(c):
     """LM for the config, mimetic-initialized as asked (conv follows the paper's per-arch choice unless
     --mimetic-parts names it)."""
-    arch = c["arch"] if c["arch"] in ("mamba1", "mamba2") else "mamba1"  # no M layers: the block type is unused
-    model = LM(ModelConfig(vocab_size=task_vocab_size(c["task"], c["vocab_size"]), d_model=c["d_model"],
-                           n_layers=c["n_layers"], arch=arch, pattern=c["pattern"], d_state=c["d_state"],
-                           expand=c["expand"], headdim=c["headdim"], n_heads=c["n_heads"],
-                           linear_head_dim=c["linear_head_dim"]))
+    model = LM(ModelConfig(**model_config_kwargs(c)))
     if c["mimetic"]:
         parts = dict(A=True, dt=True, bc=True, conv=None)
         if c["mimetic_parts"]:
-            chosen = c["mimetic_parts"].split(",")
-            parts = {p: p in chosen for p in PARTS}
-        layers = int_list(c["mimetic_layers"], "--mimetic-layers") if c["mimetic_layers"] else None
-        mimetic_init_(model, c=c["c"], layers=layers, **parts)
+            parts = {p: p in c["mimetic_parts"] for p in PARTS}
+        mimetic_init_(model, c=c["c"], layers=c["mimetic_layers"], **parts)
     return model
 
 
+class WithBOS(nn.Module):
+    """A model trained on --pack rows reads BOS before each example: prepend it, drop its prediction."""
+
+    def __init__(self, model, bos):
+        super().__init__()
+        self.model, self.bos = model, bos
+
+    def forward(self, input_ids):
+        bos = torch.full_like(input_ids[:, :1], self.bos)
+        return self.model(torch.cat([bos, input_ids], dim=1))[:, 1:]
+
+
 def build_optimizer(model, c):
-    """AdamW as in the Mamba reference: no decay on 1-D params (norms, biases) or on those marked
-    _no_weight_decay (A_log, D, dt_bias: decaying A_log would pull a mimetic A = −exp(−c·A_log) back to
-    −1); linear warmup, then cosine decay to 0."""
+    """AdamW (β1 0.9, β2 --beta2) with weight decay on --weight-decay-on parameters; linear warmup, then
+    cosine or linear decay to 0 at --steps."""
     decay, no_decay = [], []
     for p in model.parameters():
-        skip = p.dim() < 2 or getattr(p, "_no_weight_decay", False)
+        skip = c["weight_decay_on"] == "matrices" and (p.dim() < 2 or getattr(p, "_no_weight_decay", False))
         (no_decay if skip else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"], betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"], betas=(0.9, c["beta2"]))
 
     def lr_factor(step):
         if step < c["warmup"]:
             return (step + 1) / c["warmup"]
-        progress = (step - c["warmup"]) / max(1, c["steps"] - c["warmup"])
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - c["warmup"]) / max(1, c["steps"] - c["warmup"]))
+        return 1 - progress if c["schedule"] == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Attention-map figures (§2)
-
-@torch.no_grad()
-def attention_panels(model, inputs):
-    """Per layer: (average attention map, average mask or None) on one example, as numpy arrays."""
-    panels = []
-    for block, h in zip(model.layers, model.mixer_inputs(inputs)):
-        is_ssm = isinstance(block.mixer, SelectiveSSM)
-        mask = attention_mask(block.mixer, h)[0].float().cpu().numpy() if is_ssm else None
-        panels.append((attention_map(block.mixer, h)[0].float().cpu().numpy(), mask))
-    return panels
+def training_batch(c, g):
+    """One batch: with --pack, Jelassi et al.'s packed rows; else batch_size examples of one length drawn
+    from [min_train_len, train_len]."""
+    if c["pack"]:
+        return packed_batch(c, g)
+    length = int(torch.randint(c["min_train_len"], c["train_len"] + 1, (), generator=g))
+    return make_batch(c["task"], c["batch_size"], length, vocab_size=c["vocab_size"], generator=g,
+                      seq_len=mqar_seq_len(c, length))
 
 
-def plot_attention(panels, title, path):
-    fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.2), squeeze=False)
-    for i, (amap, mask) in enumerate(panels):
-        axes[0, i].imshow(amap, cmap="viridis")
-        axes[0, i].set_title(f"layer {i} map", fontsize=9)
-        if mask is not None:
-            axes[1, i].imshow(mask, cmap="magma", vmin=0, vmax=1)
-            axes[1, i].set_title(f"layer {i} mask ∏Ā", fontsize=9)
-        else:
-            axes[1, i].text(0.5, 0.5, "attention:\nno mask", ha="center", va="center")
-        for ax in axes[:, i]:
-            ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def packed_batch(c, g):
+    """Jelassi et al.'s training rows (data_utils.py): examples BOS x SEP y STOP, lengths drawn per example
+    from [min_train_len, train_len], joined until the row has c["pack"] tokens; the example the row's end
+    cuts is not labeled. (inputs, targets) of shape (batch_size, pack − 1)."""
+    bos = task_vocab_size(c["task"], c["vocab_size"])
+    rows = []
+    for _ in range(c["batch_size"]):
+        seq, labeled = [], []
+        while len(seq) < c["pack"]:
+            n = int(torch.randint(c["min_train_len"], c["train_len"] + 1, (), generator=g))
+            inputs, targets = make_batch(c["task"], 1, n, vocab_size=c["vocab_size"], generator=g)
+            start = len(seq)
+            seq += [bos, *inputs[0].tolist(), targets[0, -1].item()]  # targets end with STOP
+            labeled += [False, False, *(targets[0] != -100).tolist()]  # token t+1 is labeled where targets[t] is
+        labeled[start:] = [False] * (len(seq) - start) if len(seq) > c["pack"] else labeled[start:]
+        row, mask = torch.tensor(seq[:c["pack"]]), torch.tensor(labeled[:c["pack"]])
+        rows.append((row[:-1], torch.where(mask[1:], row[1:], -100)))
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Accuracy figures: one panel per longer length, train length dotted, that length solid, colour per run
-
-def load_run_group(folder):
-    """(label, train length, [metrics rows per seed]) for a run folder or a folder of seed subfolders."""
-    folder = Path(folder)
-    seeds = [folder] if (folder / "metrics.jsonl").exists() else sorted(p.parent for p in folder.glob("*/metrics.jsonl"))
-    if not seeds:
-        raise ValueError(f"no metrics.jsonl in {folder} or its subfolders")
-    train_len = json.loads((seeds[0] / "config.json").read_text())["train_len"]
-    return folder.name, train_len, [[json.loads(line) for line in (s / "metrics.jsonl").read_text().splitlines()
-                                     if line.strip()] for s in seeds]
+def evaluation_model(model, c):
+    return WithBOS(model, task_vocab_size(c["task"], c["vocab_size"])) if c["pack"] else model
 
 
-def plot_accuracy(groups, path, title="", metric="exact_match"):
-    """groups: (label, train_len, [rows per seed]); mean ± std band over seeds (truncated to the shortest).
-    Panel k shows each group's k-th eval length beyond its train length (solid) and its train length (dotted);
-    metric: exact_match or token_acc."""
-    def longer(train_len, runs):
-        return [int(n) for n in runs[0][0]["exact_match"] if int(n) != train_len] or [train_len]
-    shown = [longer(train_len, runs) for _, train_len, runs in groups]
-    fig, axes = plt.subplots(1, max(map(len, shown)), figsize=(5 * max(map(len, shown)), 3.8), squeeze=False)
-    colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for colour, (label, train_len, runs), lengths in zip(colours, groups, shown):
-        n = min(len(rows) for rows in runs)
-        steps = [r["step"] for r in runs[0][:n]]
-        for ax, length in zip(axes[0], lengths):
-            for at, style in ((train_len, ":"), (length, "-")):
-                if str(at) not in runs[0][0]["exact_match"]:
-                    continue
-                acc = torch.tensor([[r[metric][str(at)] for r in rows[:n]] for rows in runs])
-                mean, std = acc.mean(0), acc.std(0) if len(runs) > 1 else torch.zeros(n)
-                ax.plot(steps, mean, style, color=colour, label=f"{label} @{at}")
-                ax.fill_between(steps, (mean - std).clamp(min=0), (mean + std).clamp(max=1), color=colour, alpha=0.15)
-    for k, ax in enumerate(axes[0]):
-        at = {(train_len, lengths[k]) for (_, train_len, _), lengths in zip(groups, shown) if k < len(lengths)}
-        ax.set(xlabel="step", ylabel=metric.replace("_", " "), ylim=(-0.02, 1.02),
-               title="dotted: {}, solid: {}".format(*next(iter(at))) if len(at) == 1 else "dotted: train length")
-        ax.legend(fontsize=6, ncol=1 + len(groups) // 8)  # a 32-config grid still fits
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def evaluate_lengths(model, c, device, lens=None, task=None):
+    """{length: evaluate(...)} on fixed held-out batches (seed 1) at each eval length."""
+    task = task or c["task"]
+    return {n: evaluate(evaluation_model(model, c), task, n, vocab_size=c["vocab_size"], n_batches=c["eval_batches"],
+                        generator=torch.Generator().manual_seed(1), device=device,
+                        seq_len=c["mqar_tokens_per_pair"] * n if task == "mqar" else None)
+            for n in lens or c["eval_lens"]}
 
 
-def final_mean_std(runs, metric, length):
-    """Mean and std over seeds of the last row's metric at `length` (std 0 for one seed, nan if not evaluated)."""
-    values = torch.tensor([rows[-1][metric].get(str(length), float("nan")) for rows in runs])
-    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
-
-
-def plot_final(groups, path, title="", metric="exact_match"):
-    """Final exact match (or token_acc) per group, mean ± std over seeds, one bar per eval length: for grids
-    such as the ablation, where curves would overlap."""
-    lens = sorted({int(n) for _, _, runs in groups for n in runs[0][-1]["exact_match"]})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1 + 0.18 * len(groups) * len(lens)), 4))
-    width = 0.8 / len(lens)
-    for i, length in enumerate(lens):
-        means, stds = zip(*(final_mean_std(runs, metric, length) for _, _, runs in groups))
-        ax.bar([g + (i - (len(lens) - 1) / 2) * width for g in range(len(groups))], means, width, yerr=stds,
-               capsize=2, label=f"@{length}")
-    ax.set_xticks(range(len(groups)), [label for label, _, _ in groups], rotation=60, ha="right", fontsize=8)
-    ax.set(ylabel=f"final {metric.replace('_', ' ')}", ylim=(0, 1.02), title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def example_inputs(c, length=None, seed=0, task=None):
+    """The one example the attention maps show (BOS-prefixed for --pack runs): (1, T)."""
+    task, length = task or c["task"], length or c["train_len"]
+    inputs, _ = make_batch(task, 1, length, vocab_size=c["vocab_size"], generator=torch.Generator().manual_seed(seed),
+                           seq_len=c["mqar_tokens_per_pair"] * length if task == "mqar" else None)
+    bos = task_vocab_size(c["task"], c["vocab_size"])
+    return torch.cat([torch.tensor([[bos]]), inputs], dim=1) if c["pack"] else inputs
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Checkpoints: written atomically; the previous one is kept until the next is safely on disk
+
+class Diverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def save_checkpoint(out, payload):
+    tmp = out / "checkpoint.pt.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if (out / "checkpoint.pt").exists():
+        os.replace(out / "checkpoint.pt", out / "checkpoint_prev.pt")
+    os.replace(tmp, out / "checkpoint.pt")
+
+
+def load_checkpoint(out):
+    """The newest readable checkpoint of a run folder, or None; says so when it has to fall back."""
+    for name in ("checkpoint.pt", "checkpoint_prev.pt"):
+        if (out / name).exists():
+            try:
+                return torch.load(out / name, map_location="cpu", weights_only=False)
+            except Exception as e:  # a file cut short by a crash or a full disk: try the one before
+                print(f"{out / name} is unreadable ({type(e).__name__}); trying the previous checkpoint", flush=True)
+    return None
+
+
+RUN_ONLY = ("threads", "device")  # may differ between the run that wrote a checkpoint and the one resuming
+
+
+def check_same_run(saved, c, out):
+    if diff := [k for k in c if k not in RUN_ONLY and saved.get(k) != c[k]]:
+        details = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} there, {c[k]} here" for k in diff[:3])
+        raise ValueError(f"{out} holds a run of another config ({details}); use another --out or delete it")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One run
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (preemption) during training: finish the step, then stop. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.request)
+            except ValueError:  # not the main thread: keep the default handlers
+                pass
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
 
 def train(config):
-    """Train one run (a dict or argparse Namespace of the CLI flags; missing ones take their defaults).
-    Writes the run folder given by config["out"], if any. Returns the final metrics row."""
-    c = resolve_config(vars(config) if isinstance(config, argparse.Namespace) else dict(config))
-    out = Path(c["out"]) if c["out"] else None
+    """Train one run (a dict of the CLI flags; missing ones take their defaults). With config["out"], it writes
+    the run folder and resumes from the folder's last checkpoint. Returns the final metrics row. Raises
+    Diverged when the loss turns NaN or Inf and KeyboardInterrupt when stopped early, after writing outputs."""
+    c, out = resolve_config(config), Path(config["out"]) if config.get("out") else None
     if c["threads"]:
         torch.set_num_threads(c["threads"])
-    torch.manual_seed(c["seed"])
     device = torch.device(c["device"])
+    torch.manual_seed(c["seed"])
     model = build_model(c).to(device)
     opt, schedule = build_optimizer(model, c)
-    eval_lens = int_list(c["eval_lens"], "--eval-lens")
     batches = torch.Generator().manual_seed(c["seed"])
-    example, _ = make_batch(c["task"], 1, c["train_len"], vocab_size=c["vocab_size"],
-                            generator=torch.Generator().manual_seed(0))  # the one example the attention maps show
+    run = dict(step=0, loss_sum=0.0, loss_count=0, train_time=0.0, wall_time=0.0, tokens=0, rows=[])
+    saved = load_checkpoint(out) if out and not (out / "done").exists() else None
+    if saved:
+        check_same_run(saved["config"], c, out)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        batches.set_state(saved["batches"])
+        torch.set_rng_state(saved["rng"])
+        run = saved["run"]
+        print(f"resuming {out} from step {run['step']}", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{run_name(c)}: {n_params / 1e3:.1f}k parameters on {device}", flush=True)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(c, indent=2))
-        for name in ("metrics.jsonl", "metrics.csv", "done"):
+        for name in ("done", "failed"):
             (out / name).unlink(missing_ok=True)
-        plot_attention(attention_panels(model, example.to(device)), f"{run_name(c)} at init",
-                       out / "attention_init.png")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{run_name(c)}: {n_params / 1e3:.1f}k parameters on {device}", flush=True)
+        write_metrics(out, run["rows"], c["eval_lens"])  # a resumed run drops the rows after its checkpoint
+        if not saved:
+            figures.plot_attention(figures.attention_panels(model, example_inputs(c).to(device)),
+                                   f"{run_name(c)} at init", out / "attention_init.png")
 
-    def evaluate_all(step, loss, train_time, tokens):
-        results = {n: evaluate(model, c["task"], n, vocab_size=c["vocab_size"], n_batches=c["eval_batches"],
-                               generator=torch.Generator().manual_seed(1), device=device) for n in eval_lens}
-        row = {"step": step, "loss": loss, "time": round(train_time, 2),  # time: training only, no evals
-               "wall_time": round(time.time() - wall_start, 2), "tokens_per_s": round(tokens / max(train_time, 1e-9)),
-               "exact_match": {str(n): r["exact_match"] for n, r in results.items()},
-               "token_acc": {str(n): r["token_acc"] for n, r in results.items()}}
-        eta = train_time / max(step, 1) * (c["steps"] - step)
+    def log_eval():
+        results = evaluate_lengths(model, c, device)
+        loss = run["loss_sum"] / run["loss_count"] if run["loss_count"] else None
+        row = {"step": run["step"], "loss": loss, "time": round(run["train_time"], 2),  # time: training only
+               "wall_time": round(elapsed(), 2), "tokens_per_s": round(run["tokens"] / max(run["train_time"], 1e-9)),
+               **{metric: {str(n): r[metric] for n, r in results.items()} for metric in figures.METRICS}}
+        run["loss_sum"], run["loss_count"] = 0.0, 0
+        eta = run["train_time"] / max(run["step"], 1) * (c["steps"] - run["step"])
         accs = " | ".join(f"acc@{n} {r['exact_match']:.2f}" for n, r in results.items())
-        print(f"step {step}/{c['steps']} | loss {'-' if loss is None else f'{loss:.3f}'} | {accs} | "
+        print(f"step {run['step']}/{c['steps']} | loss {'-' if loss is None else f'{loss:.3f}'} | {accs} | "
               f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-        if out:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            write_csv_row(out / "metrics.csv", row, eval_lens)
         return row
 
-    step, loss_sum, loss_count, train_time, tokens, row, finished = 0, 0.0, 0, 0.0, 0, None, False
+    def checkpoint():
+        save_checkpoint(out, dict(model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
+                                  batches=batches.get_state(), rng=torch.get_rng_state(),
+                                  run={**run, "wall_time": elapsed()}, config=c,
+                                  model_config=dataclasses.asdict(model.config)))
+
     wall_start = time.time()
+    elapsed = lambda: run["wall_time"] + time.time() - wall_start  # wall seconds over every process of the run
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c["dtype"] == "bf16")
-    try:
-        row = evaluate_all(0, None, 0.0, 0)  # the init point of the accuracy curves
-        while step < c["steps"]:
+    stopped = failure = None
+    if not run["rows"]:
+        run["rows"].append(log_eval())  # the init point of the accuracy curves
+        append_metrics(out, run["rows"][-1], c["eval_lens"])
+    with StopRequest() as stop:
+        while run["step"] < c["steps"]:
             start = time.time()
-            length = int(torch.randint(c["min_train_len"], c["train_len"] + 1, (), generator=batches))
-            inputs, targets = (t.to(device) for t in make_batch(c["task"], c["batch_size"], length,
-                                                                 vocab_size=c["vocab_size"], generator=batches))
+            inputs, targets = (t.to(device) for t in training_batch(c, batches))
             with autocast:
                 logits = model(inputs)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -421,146 +561,261 @@ def train(config):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
             opt.step()
             schedule.step()
-            step, tokens = step + 1, tokens + inputs.numel()
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-            train_time += time.time() - start
-            if step % c["eval_every"] == 0 or step == c["steps"]:
-                row = evaluate_all(step, loss_sum / loss_count, train_time, tokens)
-                loss_sum, loss_count = 0.0, 0
-        finished = True
-    except KeyboardInterrupt:  # stop early but keep what was learned: final eval, figures and checkpoint
-        print(f"interrupted at step {step}; writing outputs", flush=True)
-        if row is None or row["step"] != step:
-            row = evaluate_all(step, loss_sum / loss_count if loss_count else None, train_time, tokens)
-    print_table(row, c["train_len"])
+            value = loss.item()
+            run["step"], run["tokens"] = run["step"] + 1, run["tokens"] + inputs.numel()
+            run["loss_sum"], run["loss_count"] = run["loss_sum"] + value, run["loss_count"] + 1
+            run["train_time"] += time.time() - start
+            if not math.isfinite(value):
+                failure = (f"step {run['step']}: loss {value} at lr {schedule.get_last_lr()[0]:.3g} (peak --lr "
+                           f"{c['lr']:g}): the run diverged; try a lower --lr or a --grad-clip")
+                break
+            if run["step"] % c["eval_every"] == 0 or run["step"] == c["steps"]:
+                run["rows"].append(log_eval())
+                append_metrics(out, run["rows"][-1], c["eval_lens"])
+            if stop.requested and run["step"] < c["steps"]:
+                stopped = run["step"]
+            if out and (run["step"] % c["checkpoint_every"] == 0 or stopped) and run["step"] < c["steps"]:
+                checkpoint()  # its rows end at the last regular eval, as an uninterrupted run's do
+            if stopped:
+                break
+    final = run["rows"][-1]
+    if failure:
+        print(failure, flush=True)
+    elif stopped:
+        print(f"interrupted at step {stopped}; the same command resumes from there", flush=True)
+        final = final if final["step"] == stopped else log_eval()  # shown now, dropped from the rows on resume
+    print_table(final, c["train_len"])
     if out:
-        torch.save({"model": model.state_dict(), "config": c, "model_config": dataclasses.asdict(model.config),
-                    "step": step}, out / "checkpoint.pt")
-        plot_attention(attention_panels(model, example.to(device)), f"{run_name(c)} at step {step}",
-                       out / "attention_final.png")
-        plot_accuracy([load_run_group(out)], out / "accuracy.png", run_name(c))
-        if finished:
-            (out / "done").write_text("finished\n")
-    if not finished:
+        if final is not run["rows"][-1]:
+            append_metrics(out, final, c["eval_lens"])
+        if not (stopped or failure):
+            checkpoint()
+            (out / "checkpoint_prev.pt").unlink(missing_ok=True)
+        figures.plot_attention(figures.attention_panels(model, example_inputs(c).to(device)),
+                               f"{run_name(c)} at step {run['step']}", out / "attention_final.png")
+        rows = run["rows"] + ([final] if final is not run["rows"][-1] else [])
+        figures.plot_accuracy([(run_name(c), c["train_len"], [rows])], out / "accuracy.png", run_name(c))
+        if failure or not stopped:
+            (out / ("failed" if failure else "done")).write_text((failure or "finished") + "\n")
+    if failure:
+        raise Diverged(failure)
+    if stopped:
         raise KeyboardInterrupt
-    return row
+    return final
 
 
-def write_csv_row(path, row, eval_lens):
-    header = (["step", "loss", "time", "wall_time", "tokens_per_s"]
-              + [f"{key}@{n}" for key in ("exact_match", "token_acc") for n in eval_lens])
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(header)
-        writer.writerow([row["step"], row["loss"], row["time"], row["wall_time"], row["tokens_per_s"]]
-                        + [row[key][str(n)] for key in ("exact_match", "token_acc") for n in eval_lens])
+def metrics_header(eval_lens):
+    return ["step", "loss", "time", "wall_time", "tokens_per_s"] + [f"{m}@{n}" for m in figures.METRICS for n in eval_lens]
+
+
+def metrics_line(row, eval_lens):
+    return ",".join(str(v) for v in [row["step"], row["loss"], row["time"], row["wall_time"], row["tokens_per_s"]]
+                    + [row[m][str(n)] for m in figures.METRICS for n in eval_lens])
+
+
+def write_metrics(out, rows, eval_lens):
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "metrics.csv").write_text("\n".join([",".join(metrics_header(eval_lens))]
+                                               + [metrics_line(r, eval_lens) for r in rows]) + "\n")
+
+
+def append_metrics(out, row, eval_lens):
+    if out:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(out / "metrics.csv", "a") as f:
+            f.write(metrics_line(row, eval_lens) + "\n")
 
 
 def print_table(row, train_len):
-    print(f"final (step {row['step']}):\n  length | exact match | token acc")
+    print(f"final (step {row['step']}):\n  length | exact match | token acc | string acc")
     for n, em in row["exact_match"].items():
-        print(f"  {n:>6}{'*' if int(n) == train_len else ' '}|  {em:10.3f} | {row['token_acc'][n]:9.3f}")
+        print(f"  {n:>6}{'*' if int(n) == train_len else ' '}|  {em:10.3f} | {row['token_acc'][n]:9.3f} | "
+              f"{row['string_acc'][n]:10.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sweeps: seeds × preset configs, one subfolder each, restartable
+# Grids and sweeps: preset configs × lrs × cs × seeds, shared between torchrun's processes
 
-def run_sweep(configs, seeds, out):
-    """configs: {name: config}; runs out/<name>/seed<k> unless it has a `done` marker; writes summaries."""
-    for name, config in configs.items():
-        for seed in seeds:
-            run_dir = out / name / f"seed{seed}"
-            if (run_dir / "done").exists():
-                print(f"skip {run_dir} (done)")
-                continue
-            print(f"=== {run_dir}", flush=True)
-            train(dict(config, seed=seed, out=str(run_dir)))
-    write_summary(out, list(configs))
+def grid(argv):
+    """(description, out folder, config names, [(run folder, config)], sweep?) of a command line."""
+    args = build_parser().parse_args(argv)
+    typed = vars(build_parser(with_defaults=False).parse_args(argv))
+    if (args.scale or args.configs) and not args.preset:
+        raise ValueError(f"--{'scale' if args.scale else 'configs'} goes with a --preset; name one")
+    scale = args.scale or "paper"
+    description, shared, configs = presets(scale)[args.preset] if args.preset else ("", {}, {"": {}})
+    if args.configs:
+        if unknown := [name for name in args.configs if name not in configs]:
+            raise ValueError(f"--configs {unknown} are not configs of --preset {args.preset}: {', '.join(configs)}")
+        configs = {name: configs[name] for name in args.configs}
+    axes = {}
+    for many, one in (("lrs", "lr"), ("cs", "c"), ("seeds", "seed")):  # typed beats preset beats default
+        axes[one] = typed.get(many) or ([typed[one]] if one in typed else None) or shared.get(many) or [DEFAULTS[one]]
+    resolved = {name: resolve_config({**shared, **flags, **typed, "lr": axes["lr"][0], "c": axes["c"][0]})
+                for name, flags in configs.items()}
+    sweep = args.sweep or len(resolved) * len(axes["lr"]) * len(axes["c"]) * len(axes["seed"]) > 1
+    first = next(iter(resolved.values()))
+    out = Path(args.out or "runs/" + (f"{args.preset}_{scale}" if args.preset else run_name(first))
+               + ("" if sweep else f"_s{axes['seed'][0]}"))
+    runs = []
+    for name, config in resolved.items():
+        name = name or run_name(config)
+        for lr in axes["lr"]:
+            for c in axes["c"]:
+                for seed in axes["seed"]:
+                    swept = "_".join(f"{k}{v:g}" for k, v in (("lr", lr), ("c", c)) if len(axes[k]) > 1)
+                    folder = out / name / swept / f"seed{seed}" if sweep else out  # swept: lr, c folders
+                    runs.append((folder, dict(config, lr=lr, c=c, seed=seed)))
+    label = f"preset {args.preset}, {scale} scale: {description}" if args.preset else run_name(first)
+    return label, out, [name or run_name(cfg) for name, cfg in resolved.items()], runs, sweep, args
 
 
-def write_summary(out, names):
-    """summary.csv / summary.md: mean ± std over seeds of the final exact match and token accuracy per eval
-    length; summary.png (curves) and summary_final.png (bars)."""
-    groups = [load_run_group(out / name) for name in names if list((out / name).glob("*/metrics.jsonl"))]
-    lens = [list(runs[0][-1]["exact_match"]) for _, _, runs in groups]
-    same = all(group_lens == lens[0] for group_lens in lens)  # else each cell names its length (e.g. mqar's)
-    rows, table = [], []
-    for (label, _, runs), group_lens in zip(groups, lens):
-        row, cells = {"config": label, "seeds": len(runs)}, [label, str(len(runs))]
-        for metric in ("exact_match", "token_acc"):
-            for n in group_lens:
-                mean, std = final_mean_std(runs, metric, n)
-                row[f"{metric}@{n}_mean"], row[f"{metric}@{n}_std"] = round(mean, 4), round(std, 4)
-                cells.append(f"{mean:.3f} ± {std:.3f}" + ("" if same else f" @{n}"))
-        rows.append(row)
-        table.append("| " + " | ".join(cells) + " |")
-    columns = [f"{metric} @{n}" if same else f"{metric}, eval length {k + 1}" for metric in ("exact match", "token acc")
-               for k, n in enumerate(lens[0])]
-    table = ["| config | seeds | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"] + table
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
-    heading = "Final exact match and token accuracy, mean ± std over seeds"
-    (out / "summary.md").write_text(heading + "\n\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
-    plot_accuracy(groups, out / "summary.png", out.name)
-    plot_final(groups, out / "summary_final.png", f"{out.name}: mean ± std over seeds")
+def dry_run(runs):
+    """One JSON line per run (its folder and resolved config) with the model's parameter count."""
+    sizes = {}
+    for folder, c in runs:
+        key = json.dumps(model_config_kwargs(c), sort_keys=True)
+        if key not in sizes:
+            sizes[key] = sum(p.numel() for p in build_model(c).parameters())
+        print(json.dumps({"run": str(folder), "params": sizes[key], **c}))
+    print(f"{len(runs)} runs", file=sys.stderr)
+
+
+def distributed():
+    """(rank, world size, local rank, local world size) under torchrun, else (0, 1, 0, 1)."""
+    env = lambda name, default: int(os.environ.get(name, default))
+    return env("RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_RANK", 0), env("LOCAL_WORLD_SIZE", 1)
+
+
+def run_sweep(runs, out, names, title):
+    """Train every unfinished run; under torchrun each process takes every world-th of them. Rank 0 writes
+    the summary once every process is done. A diverged run is marked failed and the sweep goes on."""
+    rank, world, local_rank, local_world = distributed()
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))  # a share may take days
+    pending = []
+    for folder, c in runs:
+        if (folder / "done").exists() or (folder / "failed").exists():
+            if rank == 0:
+                print(f"skip {folder} ({'done' if (folder / 'done').exists() else 'failed'})")
+        else:
+            pending.append((folder, c))
+    if world > 1:
+        dist.barrier()  # every process has listed the unfinished runs before any starts one
+        if 0 < len(pending) < world:
+            raise ValueError(f"{world} processes for {len(pending)} unfinished run{'s' * (len(pending) > 1)}; use "
+                             f"--nproc_per_node {len(pending)} or fewer")
+    for folder, c in pending[rank::world]:
+        if world > 1:
+            c = dict(c, device=f"cuda:{local_rank}" if c["device"] == "cuda" else "cpu",
+                     threads=c["threads"] or max(1, (os.cpu_count() or 1) // local_world))
+        print(f"=== {folder}" + (f" (rank {rank} of {world})" if world > 1 else ""), flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "trained_by", "a") as f:
+            f.write(f"rank {rank} of {world}\n")
+        try:
+            train(dict(c, out=str(folder)))
+        except Diverged as e:
+            print(f"failed: {folder}: {e}; the sweep goes on", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        figures.write_summary(out, names, title)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Entry points
+# Entry points: train (default), eval, plot
 
-def fail(message):
+def fail(message, code=2):
     """A user mistake: one line, exit status 2 (as argparse does), no traceback."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def eval_command(argv):
+    parser = argparse.ArgumentParser(prog="train.py eval", description="evaluate a finished (or stopped) run "
+                                     "at new lengths and redraw its attention maps on one example")
+    parser.add_argument("run", help="a run folder with checkpoint.pt")
+    parser.add_argument("--lens", type=int_list, help="comma-separated lengths (default: the run's eval lengths)")
+    parser.add_argument("--task", choices=TASKS, help="another task with the same tokens (e.g. stack for a copy model)")
+    parser.add_argument("--example-len", type=int, help="length of the example the maps show (default: train length)")
+    parser.add_argument("--example-seed", type=int, default=0, help="which example (default: %(default)s)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    folder = Path(args.run)
+    saved = load_checkpoint(folder)
+    if saved is None:
+        fail(f"no readable checkpoint.pt in {folder}: train the run first (or resume it)")
+    c, model = saved["config"], LM(ModelConfig(**saved["model_config"]))
+    model.load_state_dict(saved["model"])
+    task = args.task or c["task"]
+    need = task_vocab_size(task, c["vocab_size"]) + (1 if c["pack"] else 0)
+    if need != model.config.vocab_size:
+        fail(f"{folder} was trained on {c['task']} with {model.config.vocab_size} tokens; {task} with its "
+             f"--vocab-size {c['vocab_size']} needs {need}: evaluate a task with the same tokens")
+    device = torch.device(args.device)
+    model.to(device)
+    try:
+        results = evaluate_lengths(model, c, device, args.lens, task)
+        example = example_inputs(c, args.example_len, args.example_seed, task).to(device)
+    except ValueError as e:
+        fail(e)
+    row = {"step": saved["run"]["step"], **{m: {str(n): r[m] for n, r in results.items()} for m in figures.METRICS}}
+    print(f"{folder} ({task}):")
+    print_table(row, c["train_len"])
+    path = folder / "eval.json"
+    evals = json.loads(path.read_text()) if path.exists() else {}
+    evals.setdefault(task, {}).update({str(n): r for n, r in results.items()})
+    path.write_text(json.dumps(evals, indent=2))
+    figures.plot_attention(figures.attention_panels(model, example), f"{folder.name}: {task}, length "
+                           f"{args.example_len or c['train_len']}, step {row['step']}", folder / "attention_eval.png")
+    print(f"wrote {path} and {folder / 'attention_eval.png'}")
+
+
+def plot_command(argv):
+    parser = argparse.ArgumentParser(prog="train.py plot", description="overlay the accuracy of run folders")
+    parser.add_argument("runs", nargs="+", help="run folders, or config folders of seed subfolders (mean ± std)")
+    parser.add_argument("--out", default="accuracy_compare.png", help="figure path (default: %(default)s)")
+    parser.add_argument("--final", action="store_true", help="bars of the final values, not curves")
+    parser.add_argument("--lengths", action="store_true", help="final accuracy vs evaluation length")
+    parser.add_argument("--metric", default="exact_match", choices=tuple(figures.METRICS))
+    args = parser.parse_args(argv)
+    plot = figures.plot_final if args.final else figures.plot_lengths if args.lengths else figures.plot_accuracy
+    try:
+        plot([figures.load_run_group(r) for r in args.runs], args.out, metric=args.metric)
+    except (ValueError, OSError, KeyError) as e:
+        fail(e)
+    print(f"wrote {args.out}")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plot"]:
-        parser = argparse.ArgumentParser(prog="train.py plot", description="overlay the accuracy of run folders")
-        parser.add_argument("runs", nargs="+", help="run folders, or folders of seed subfolders (mean ± std)")
-        parser.add_argument("--out", default="accuracy_compare.png", help="figure path (default: %(default)s)")
-        parser.add_argument("--final", action="store_true", help="bars of the final values, not curves")
-        parser.add_argument("--metric", default="exact_match", choices=("exact_match", "token_acc"))
-        args = parser.parse_args(argv[1:])
-        try:
-            plot = plot_final if args.final else plot_accuracy
-            plot([load_run_group(r) for r in args.runs], args.out, metric=args.metric)
-        except (ValueError, OSError) as e:
-            fail(e)
-        print(f"wrote {args.out}")
-        return
-    args = build_parser().parse_args(argv)
-    typed = vars(build_parser(with_defaults=False).parse_args(argv))
-    if args.scale and not args.preset:
-        fail("--scale sizes the --preset setups; name one with --preset")
-    scale = args.scale or "paper"
-    description, shared, grid = presets(scale)[args.preset] if args.preset else ("", {}, {"": {}})
+    if argv[:1] in (["eval"], ["plot"]):
+        return (eval_command if argv[0] == "eval" else plot_command)(argv[1:])
     try:
-        seeds = int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
-        configs = {name: resolve_config({**shared, **flags, **typed}) for name, flags in grid.items()}
+        label, out, names, runs, sweep, args = grid(argv)
     except ValueError as e:
         fail(e)
-    first = next(iter(configs.values()))
-    sweep = args.sweep or len(seeds) > 1 or len(configs) > 1
-    default_out = f"{args.preset}_{scale}" if args.preset else run_name(first)
-    out = Path(args.out or f"runs/{default_out}" + ("" if sweep else f"_s{args.seed}"))
-    print(f"config{f' (preset {args.preset}, {scale} scale: {description})' if args.preset else ''}:")
-    print(json.dumps(first if len(configs) == 1 else {k: v for k, v in first.items() if all(
-        cfg[k] == v for cfg in configs.values())}, indent=None))
-    if len(configs) > 1:
-        print(f"grid of {len(configs)} configs: {', '.join(configs)}; seeds {seeds}")
+    if args.dry_run:
+        return dry_run(runs)
+    if distributed()[1] > 1 and not sweep:
+        fail("torchrun shares the runs of a sweep between processes; this command is one run (add --sweep)")
+    if distributed()[0] == 0:
+        print(f"{label}: {len(runs)} run{'s' * (len(runs) > 1)} into {out}")
     try:
         if sweep:
-            run_sweep({name or run_name(cfg): cfg for name, cfg in configs.items()}, seeds, out)
+            run_sweep(runs, out, names, label)
+        elif (out / "done").exists():
+            print(f"{out} is finished (delete it to train again):")
+            print_table(figures.load_runs(out)[0]["rows"][-1], runs[0][1]["train_len"])
         else:
-            train(dict(first, out=str(out)))
-    except ValueError as e:  # a combination only the model or task can reject, e.g. mimetic on an attention layer
+            train(dict(runs[0][1], out=str(out)))
+    except Diverged:
+        sys.exit(1)  # train() printed why
+    except ValueError as e:  # e.g. a checkpoint of another config in the run folder
         fail(e)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,0 +1,297 @@
+"""figures.py — what train.py's run folders become: summary tables and figures.
+
+A run folder holds config.json and metrics.jsonl (one row per evaluation: step, loss, and per eval length
+the exact match, token accuracy and string accuracy; see mimetic.evaluate). A config folder holds the
+runs of one config: seed<k>/ folders, or, when learning rates or c were swept, <lr,c>/seed<k>/ folders.
+
+- The paper's figures show the best run of a learning-rate sweep. best_hyper picks, per config, the
+  (lr, c) with the highest mean final exact match at the train length (ties: token accuracy there),
+  so the pick never looks at the longer lengths we report.
+- Fig. 7 measures generalization by the area under accuracy vs evaluation length (auc) and by the
+  longest length the model still copies with > 99% accuracy (max_length_above).
+"""
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # figures go to files; no display needed
+import matplotlib.pyplot as plt
+import torch
+
+from mimetic import SelectiveSSM, attention_map, attention_mask
+
+METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
+           "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading runs
+
+def load_runs(folder):
+    """Every run under `folder` (itself, its children or grandchildren): dicts with path, config, rows,
+    failed (the divergence message, or None). Sorted by path."""
+    folder = Path(folder)
+    paths = sorted({p.parent for pattern in ("metrics.jsonl", "*/metrics.jsonl", "*/*/metrics.jsonl")
+                    for p in folder.glob(pattern)})
+    runs = []
+    for path in paths:
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        failed = (path / "failed").read_text().strip() if (path / "failed").exists() else None
+        if rows:
+            runs.append(dict(path=path, config=json.loads((path / "config.json").read_text()), rows=rows,
+                             failed=failed))
+    return runs
+
+
+def hyper(run):
+    """The swept hyperparameters of a run: (lr, c)."""
+    return run["config"].get("lr"), run["config"].get("c")
+
+
+def final(run, metric, length):
+    return run["rows"][-1][metric].get(str(length), float("nan"))
+
+
+def mean_std(values):
+    """Mean and sample std (0 for one value, nan for none)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if not len(t):
+        return float("nan"), float("nan")
+    return t.mean().item(), t.std().item() if len(t) > 1 else 0.0
+
+
+def best_hyper(runs):
+    """(lr, c) with the best mean final exact match (then token accuracy) at the train length, over the
+    runs that did not fail; None if every run failed."""
+    ok = [r for r in runs if not r["failed"]]
+    if not ok:
+        return None
+    key = lambda hp: tuple(mean_std([final(r, m, r["config"]["train_len"]) for r in ok if hyper(r) == hp])[0]
+                           for m in ("exact_match", "token_acc"))
+    return max(sorted({hyper(r) for r in ok}, key=str), key=key)
+
+
+def load_run_group(folder):
+    """(label, train length, [rows of each seed]) of a run folder or config folder, at its best (lr, c)."""
+    runs = load_runs(folder)
+    if not runs:
+        raise ValueError(f"no metrics.jsonl in {folder} or below it")
+    best = best_hyper(runs) or hyper(runs[0])
+    chosen = [r for r in runs if hyper(r) == best and not r["failed"]] or runs
+    return Path(folder).name, chosen[0]["config"]["train_len"], [r["rows"] for r in chosen]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's length metrics (Fig. 7)
+
+def auc(lengths, accuracies):
+    """Area under accuracy vs length (trapezoids) over the evaluated range, divided by its width: 1 for a
+    model that is perfect at every evaluated length; the accuracy itself for one length."""
+    pairs = sorted(zip(lengths, accuracies))
+    if len(pairs) == 1:
+        return pairs[0][1]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pairs, pairs[1:]))
+    return area / (pairs[-1][0] - pairs[0][0])
+
+
+def max_length_above(lengths, accuracies, threshold=0.99):
+    """The longest evaluated length up to which accuracy stays above `threshold` at every evaluated
+    length (Fig. 7b's "max > 99% gen. length"); 0 if the shortest already falls below."""
+    best = 0
+    for length, accuracy in sorted(zip(lengths, accuracies)):
+        if accuracy <= threshold:
+            break
+        best = length
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries: one table per metric, at each config's best (lr, c)
+
+def summarize(out, names):
+    """Rows of the summary: per config its chosen (lr, c), seeds, failed runs and for each metric the
+    mean ± std over seeds of the final value per eval length, AUC and max > 99% length."""
+    rows = []
+    for name in names:
+        runs = load_runs(out / name)
+        if not runs:
+            continue
+        best = best_hyper(runs)
+        chosen = [r for r in runs if hyper(r) == best and not r["failed"]]
+        lens = sorted({int(n) for r in chosen for n in r["rows"][-1]["exact_match"]})
+        row = dict(config=name, seeds=len(chosen), lr=best[0] if best else None, c=best[1] if best else None,
+                   train_len=chosen[0]["config"]["train_len"] if chosen else None, lens=lens,
+                   failed=[str(r["path"].relative_to(out)) for r in runs if r["failed"]],
+                   swept=len({hyper(r) for r in runs}) > 1)
+        for metric in METRICS:
+            for n in lens:
+                row[f"{metric}@{n}"] = mean_std([final(r, metric, n) for r in chosen])
+            curves = [[final(r, metric, n) for n in lens] for r in chosen]
+            row[f"{metric}_auc"] = mean_std([auc(lens, c) for c in curves])
+            row[f"{metric}_max99"] = mean_std([max_length_above(lens, c) for c in curves])
+        rows.append(row)
+    return rows
+
+
+def write_summary(out, names, title=None):
+    """summary.md (a table per metric) and summary.csv, plus the figures: summary.png (curves),
+    summary_final.png (bars), summary_lengths.png (final accuracy vs length, with 3 or more eval lengths)
+    and summary_state_size.png (Fig. 7b, when the configs differ in state size)."""
+    out = Path(out)
+    rows = summarize(out, names)
+    if not rows:
+        raise ValueError(f"no finished runs under {out}")
+    same = all(r["lens"] == rows[0]["lens"] for r in rows)  # else each cell names its length (mqar vs copy)
+    lens_header = rows[0]["lens"] if same else [f"length {k + 1}" for k in range(max(len(r["lens"]) for r in rows))]
+    cell = lambda ms, n: "-" if ms[0] != ms[0] else f"{ms[0]:.3f} ± {ms[1]:.3f}" + ("" if same else f" @{n}")
+    tables = {}
+    for metric, heading in METRICS.items():
+        header = ["config", "seeds", "lr", "c"] + [f"@{n}{'*' if same and n == rows[0]['train_len'] else ''}"
+                                                   for n in lens_header] + ["AUC", "max > 99%"]
+        table = [f"## {heading}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for r in rows:
+            cells = [r["config"], str(r["seeds"]), f"{r['lr']:g}" + (" (best)" if r["swept"] else ""), f"{r['c']:g}"]
+            cells += [cell(r[f"{metric}@{n}"], n) for n in r["lens"]] + ["-"] * (len(lens_header) - len(r["lens"]))
+            cells += [f"{r[f'{metric}_auc'][0]:.3f}", f"{r[f'{metric}_max99'][0]:.0f}"]
+            table.append("| " + " | ".join(cells) + " |")
+        tables[metric] = table + [""]
+    failed = [f for r in rows for f in r["failed"]]
+    notes = ["## failed runs (diverged; not in the tables)", ""] + [f"- {f}" for f in failed] + [""] if failed else []
+    intro = [f"# {title or out.name}: final accuracy, mean ± std over seeds", "",
+             "Per config, the learning rate and c with the best mean final exact match (then token accuracy) at "
+             "the train length (marked *); every length is reported at that choice.", ""]
+    (out / "summary.md").write_text("\n".join(intro + sum(tables.values(), []) + notes))
+    with open(out / "summary.csv", "w", newline="") as f:
+        flat = [{k: (f"{v[0]:.4f} ± {v[1]:.4f}" if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows]
+        writer = csv.DictWriter(f, list(dict.fromkeys(k for r in flat for k in r)))
+        writer.writeheader()
+        writer.writerows(flat)
+    print("\n".join(tables["exact_match"] + notes))
+    groups = [load_run_group(out / r["config"]) for r in rows if r["seeds"]]
+    plot_accuracy(groups, out / "summary.png", out.name)
+    plot_final(groups, out / "summary_final.png", f"{out.name}: mean ± std over seeds")
+    if max(len(r["lens"]) for r in rows) >= 3:
+        plot_lengths(groups, out / "summary_lengths.png", out.name)
+    states = {load_runs(out / r["config"])[0]["config"].get("d_state") for r in rows}
+    if len(states) > 1:
+        plot_state_size(out, rows, out / "summary_state_size.png")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+
+def plot_accuracy(groups, path, title="", metric="exact_match"):
+    """groups: (label, train_len, [rows per seed]); mean ± std band over seeds (truncated to the shortest).
+    Panel k shows each group's k-th eval length beyond its train length (solid) and its train length (dotted)."""
+    def longer(train_len, runs):
+        return [int(n) for n in runs[0][0][metric] if int(n) != train_len] or [train_len]
+    shown = [longer(train_len, runs) for _, train_len, runs in groups]
+    fig, axes = plt.subplots(1, max(map(len, shown)), figsize=(5 * max(map(len, shown)), 3.8), squeeze=False)
+    colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for colour, (label, train_len, runs), lengths in zip(colours, groups, shown):
+        n = min(len(rows) for rows in runs)
+        steps = [r["step"] for r in runs[0][:n]]
+        for ax, length in zip(axes[0], lengths):
+            for at, style in ((train_len, ":"), (length, "-")):
+                if str(at) not in runs[0][0][metric]:
+                    continue
+                acc = torch.tensor([[r[metric][str(at)] for r in rows[:n]] for rows in runs])
+                mean, std = acc.mean(0), acc.std(0) if len(runs) > 1 else torch.zeros(n)
+                ax.plot(steps, mean, style, color=colour, label=f"{label} @{at}")
+                ax.fill_between(steps, (mean - std).clamp(min=0), (mean + std).clamp(max=1), color=colour, alpha=0.15)
+    for k, ax in enumerate(axes[0]):
+        at = {(train_len, lengths[k]) for (_, train_len, _), lengths in zip(groups, shown) if k < len(lengths)}
+        ax.set(xlabel="step", ylabel=metric.replace("_", " "), ylim=(-0.02, 1.02),
+               title="dotted: {}, solid: {}".format(*next(iter(at))) if len(at) == 1 else "dotted: train length")
+        ax.legend(fontsize=6, ncol=1 + len(groups) // 8)  # a 32-config grid still fits
+    _save(fig, path, title)
+
+
+def plot_final(groups, path, title="", metric="exact_match"):
+    """Final accuracy per group, mean ± std over seeds, one bar per eval length: for grids such as the
+    ablation, where curves would overlap."""
+    lens = sorted({int(n) for _, _, runs in groups for n in runs[0][-1][metric]})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1 + 0.18 * len(groups) * len(lens)), 4))
+    width = 0.8 / len(lens)
+    for i, length in enumerate(lens):
+        means, stds = zip(*(mean_std([rows[-1][metric].get(str(length), float("nan")) for rows in runs])
+                            for _, _, runs in groups))
+        ax.bar([g + (i - (len(lens) - 1) / 2) * width for g in range(len(groups))], means, width, yerr=stds,
+               capsize=2, label=f"@{length}")
+    ax.set_xticks(range(len(groups)), [label for label, _, _ in groups], rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel=f"final {metric.replace('_', ' ')}", ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+    _save(fig, path, title)
+
+
+def plot_lengths(groups, path, title="", metric="exact_match"):
+    """Final accuracy vs evaluation length per group, mean ± std over seeds (Fig. 7a's view)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, train_len, runs in groups:
+        lens = sorted(int(n) for n in runs[0][-1][metric])
+        mean, std = zip(*(mean_std([rows[-1][metric][str(n)] for rows in runs]) for n in lens))
+        line, = ax.plot(lens, mean, "o-", label=label, markersize=3)
+        ax.fill_between(lens, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15)
+        ax.axvline(train_len, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="evaluation length (dotted: train length)", ylabel=f"final {metric.replace('_', ' ')}",
+           ylim=(-0.02, 1.02))
+    ax.legend(fontsize=6, ncol=1 + len(groups) // 8)
+    _save(fig, path, title)
+
+
+def plot_state_size(out, rows, path, metric="exact_match"):
+    """Fig. 7b: max > 99% length (and AUC) vs state size N, one line per init (the config name after N)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lines = {}
+    for r in rows:
+        config = load_runs(Path(out) / r["config"])[0]["config"]
+        init = "mimetic" if config.get("mimetic") else "default"
+        lines.setdefault(init, []).append((config["d_state"], r[f"{metric}_max99"], r[f"{metric}_auc"]))
+    for init, points in lines.items():
+        points.sort()
+        for ax, k in zip(axes, (1, 2)):
+            ax.errorbar([p[0] for p in points], [p[k][0] for p in points], yerr=[p[k][1] for p in points], marker="o",
+                        capsize=2, label=init)
+    axes[0].set(xscale="log", xlabel="state size N", ylabel="max length with > 99% accuracy")
+    axes[1].set(xscale="log", xlabel="state size N", ylabel="AUC of accuracy vs length", ylim=(-0.02, 1.02))
+    for ax in axes:
+        ax.legend()
+    _save(fig, path, f"{Path(out).name}: {METRICS[metric]}")
+
+
+@torch.no_grad()
+def attention_panels(model, inputs):
+    """Per layer: (average attention map, average mask ∏Ā or None) on one example, as numpy arrays."""
+    panels = []
+    for block, h in zip(model.layers, model.mixer_inputs(inputs)):
+        is_ssm = isinstance(block.mixer, SelectiveSSM)
+        mask = attention_mask(block.mixer, h)[0].float().cpu().numpy() if is_ssm else None
+        panels.append((attention_map(block.mixer, h)[0].float().cpu().numpy(), mask))
+    return panels
+
+
+def plot_attention(panels, title, path):
+    """Each layer's attention map (§2, top) and average mask ∏Ā (bottom)."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.2), squeeze=False)
+    for i, (amap, mask) in enumerate(panels):
+        axes[0, i].imshow(amap, cmap="viridis")
+        axes[0, i].set_title(f"layer {i} map", fontsize=9)
+        if mask is not None:
+            axes[1, i].imshow(mask, cmap="magma", vmin=0, vmax=1)
+            axes[1, i].set_title(f"layer {i} mask ∏Ā", fontsize=9)
+        else:
+            axes[1, i].text(0.5, 0.5, "attention:\nno mask", ha="center", va="center")
+        for ax in axes[:, i]:
+            ax.set_xticks([]), ax.set_yticks([])
+    _save(fig, path, title)
+
+
+def _save(fig, path, title):
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
