@@ -142,7 +142,8 @@ def presets(scale):
                  "(the paper: copying ~4000, MQAR ~1800) and on MQAR with many pairs, default vs mimetic; one "
                  "example per row (the pipeline's 220-token rows cannot hold them)",
                  {**base, **m2, "n_layers": 2, "pack": 0, **({"batch_size": 8} if paper else {})},
-                 {f"{task}_{n}_{init}": {**flags, "train_len": n, **({"mimetic": True} if init == "mimetic" else {})}
+                 {f"{task}_{n}_{init}": {**flags, "train_len": n, "eval_lens": [n, 2 * n],
+                                         **({"mimetic": True} if init == "mimetic" else {})}
                   for task, flags, lengths in (("copy", {}, (500, 1000, 2000, 4000) if paper else (16, 32, 64, 128)),
                                                ("mqar", mqar if paper else {**mqar, "vocab_size": 1024},
                                                 (16, 32, 64, 128) if paper else (8, 16, 32, 64)))
