@@ -488,116 +488,157 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(config):
-    """Train one run (a dict of the CLI flags; missing ones take their defaults). With config["out"], it writes
-    the run folder and resumes from the folder's last checkpoint. Returns the final metrics row. Raises
-    Diverged when the loss turns NaN or Inf and KeyboardInterrupt when stopped early, after writing outputs."""
-    c, out = resolve_config(config), Path(config["out"]) if config.get("out") else None
-    if c["threads"]:
-        torch.set_num_threads(c["threads"])
-    device = torch.device(c["device"])
-    torch.manual_seed(c["seed"])
-    model = build_model(c).to(device)
-    opt, schedule = build_optimizer(model, c)
-    batches = torch.Generator().manual_seed(c["seed"])
-    run = dict(step=0, loss_sum=0.0, loss_count=0, train_time=0.0, wall_time=0.0, tokens=0, rows=[])
-    saved = load_checkpoint(out) if out and not (out / "done").exists() else None
-    if saved:
-        check_same_run(saved["config"], c, out)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        batches.set_state(saved["batches"])
-        torch.set_rng_state(saved["rng"])
-        run = saved["run"]
-        print(f"resuming {out} from step {run['step']}", flush=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{run_name(c)}: {n_params / 1e3:.1f}k parameters on {device}", flush=True)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(c, indent=2))
-        for name in ("done", "failed"):
-            (out / name).unlink(missing_ok=True)
-        write_metrics(out, run["rows"], c["eval_lens"])  # a resumed run drops the rows after its checkpoint
-        if not saved:
-            figures.plot_attention(figures.attention_panels(model, example_inputs(c).to(device)),
-                                   f"{run_name(c)} at init", out / "attention_init.png")
+class Run:
+    """One training run: the model, optimizer, schedule and batch stream of a config, its progress (step,
+    running loss, times, metrics rows) and its folder, if any; resumed from the folder's last checkpoint."""
 
-    def log_eval():
-        results = evaluate_lengths(model, c, device)
-        loss = run["loss_sum"] / run["loss_count"] if run["loss_count"] else None
-        row = {"step": run["step"], "loss": loss, "time": round(run["train_time"], 2),  # time: training only
-               "wall_time": round(elapsed(), 2), "tokens_per_s": round(run["tokens"] / max(run["train_time"], 1e-9)),
+    def __init__(self, config):
+        self.c, self.out = resolve_config(config), Path(config["out"]) if config.get("out") else None
+        c = self.c
+        if c["threads"]:
+            torch.set_num_threads(c["threads"])
+        self.device = torch.device(c["device"])
+        torch.manual_seed(c["seed"])
+        self.model = build_model(c).to(self.device)
+        self.opt, self.schedule = build_optimizer(self.model, c)
+        self.batches = torch.Generator().manual_seed(c["seed"])
+        self.progress = dict(step=0, loss_sum=0.0, loss_count=0, train_time=0.0, wall_time=0.0, tokens=0, rows=[])
+        self.resumed = load_checkpoint(self.out) if self.out and not (self.out / "done").exists() else None
+        if self.resumed:
+            check_same_run(self.resumed["config"], c, self.out)
+            self.model.load_state_dict(self.resumed["model"])
+            self.opt.load_state_dict(self.resumed["optimizer"])
+            self.schedule.load_state_dict(self.resumed["schedule"])
+            self.batches.set_state(self.resumed["batches"])
+            torch.set_rng_state(self.resumed["rng"])
+            self.progress = self.resumed["run"]
+        self.started = time.time()
+
+    @property
+    def step(self):
+        return self.progress["step"]
+
+    def elapsed(self):
+        """Wall seconds over every process that trained this run."""
+        return self.progress["wall_time"] + time.time() - self.started
+
+    def start(self):
+        """Say what trains where, write config.json and the metrics so far, and the first eval (step 0)."""
+        c, out = self.c, self.out
+        if self.resumed:
+            print(f"resuming {out} from step {self.step}", flush=True)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        print(f"{run_name(c)}: {n_params / 1e3:.1f}k parameters on {self.device}", flush=True)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(c, indent=2))
+            for name in ("done", "failed"):
+                (out / name).unlink(missing_ok=True)
+            write_metrics(out, self.progress["rows"], c["eval_lens"])  # a resumed run drops rows after its checkpoint
+            if not self.resumed:
+                self.plot_attention("at init", "attention_init.png")
+        if not self.progress["rows"]:
+            self.log_eval()  # the init point of the accuracy curves
+
+    def train_step(self):
+        """One optimizer step on the next batch; returns the loss."""
+        c, p = self.c, self.progress
+        start = time.time()
+        inputs, targets = (t.to(self.device) for t in training_batch(c, self.batches))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c["dtype"] == "bf16"):
+            logits = self.model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if c["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
+        self.opt.step()
+        self.schedule.step()
+        value = loss.item()
+        p["step"], p["tokens"] = p["step"] + 1, p["tokens"] + inputs.numel()
+        p["loss_sum"], p["loss_count"] = p["loss_sum"] + value, p["loss_count"] + 1
+        p["train_time"] += time.time() - start
+        return value
+
+    def evaluate(self):
+        """A metrics row: step, mean training loss since the last row, times, and accuracy per eval length."""
+        c, p = self.c, self.progress
+        results = evaluate_lengths(self.model, c, self.device)
+        loss = p["loss_sum"] / p["loss_count"] if p["loss_count"] else None
+        row = {"step": p["step"], "loss": loss, "time": round(p["train_time"], 2),  # time: training only
+               "wall_time": round(self.elapsed(), 2), "tokens_per_s": round(p["tokens"] / max(p["train_time"], 1e-9)),
                **{metric: {str(n): r[metric] for n, r in results.items()} for metric in figures.METRICS}}
-        run["loss_sum"], run["loss_count"] = 0.0, 0
-        eta = run["train_time"] / max(run["step"], 1) * (c["steps"] - run["step"])
+        p["loss_sum"], p["loss_count"] = 0.0, 0
+        eta = p["train_time"] / max(p["step"], 1) * (c["steps"] - p["step"])
         accs = " | ".join(f"acc@{n} {r['exact_match']:.2f}" for n, r in results.items())
-        print(f"step {run['step']}/{c['steps']} | loss {'-' if loss is None else f'{loss:.3f}'} | {accs} | "
+        print(f"step {p['step']}/{c['steps']} | loss {'-' if loss is None else f'{loss:.3f}'} | {accs} | "
               f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
         return row
 
-    def checkpoint():
-        save_checkpoint(out, dict(model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
-                                  batches=batches.get_state(), rng=torch.get_rng_state(),
-                                  run={**run, "wall_time": elapsed()}, config=c,
-                                  model_config=dataclasses.asdict(model.config)))
+    def log_eval(self):
+        self.progress["rows"].append(self.evaluate())
+        append_metrics(self.out, self.progress["rows"][-1], self.c["eval_lens"])
 
-    wall_start = time.time()
-    elapsed = lambda: run["wall_time"] + time.time() - wall_start  # wall seconds over every process of the run
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c["dtype"] == "bf16")
-    stopped = failure = None
-    if not run["rows"]:
-        run["rows"].append(log_eval())  # the init point of the accuracy curves
-        append_metrics(out, run["rows"][-1], c["eval_lens"])
-    with StopRequest() as stop:
-        while run["step"] < c["steps"]:
-            start = time.time()
-            inputs, targets = (t.to(device) for t in training_batch(c, batches))
-            with autocast:
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if c["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
-            opt.step()
-            schedule.step()
-            value = loss.item()
-            run["step"], run["tokens"] = run["step"] + 1, run["tokens"] + inputs.numel()
-            run["loss_sum"], run["loss_count"] = run["loss_sum"] + value, run["loss_count"] + 1
-            run["train_time"] += time.time() - start
-            if not math.isfinite(value):
-                failure = (f"step {run['step']}: loss {value} at lr {schedule.get_last_lr()[0]:.3g} (peak --lr "
-                           f"{c['lr']:g}): the run diverged; try a lower --lr or a --grad-clip")
-                break
-            if run["step"] % c["eval_every"] == 0 or run["step"] == c["steps"]:
-                run["rows"].append(log_eval())
-                append_metrics(out, run["rows"][-1], c["eval_lens"])
-            if stop.requested and run["step"] < c["steps"]:
-                stopped = run["step"]
-            if out and (run["step"] % c["checkpoint_every"] == 0 or stopped) and run["step"] < c["steps"]:
-                checkpoint()  # its rows end at the last regular eval, as an uninterrupted run's do
-            if stopped:
-                break
-    final = run["rows"][-1]
-    if failure:
-        print(failure, flush=True)
-    elif stopped:
-        print(f"interrupted at step {stopped}; the same command resumes from there", flush=True)
-        final = final if final["step"] == stopped else log_eval()  # shown now, dropped from the rows on resume
-    print_table(final, c["train_len"])
-    if out:
-        if final is not run["rows"][-1]:
+    def checkpoint(self):
+        save_checkpoint(self.out, dict(
+            model=self.model.state_dict(), optimizer=self.opt.state_dict(), schedule=self.schedule.state_dict(),
+            batches=self.batches.get_state(), rng=torch.get_rng_state(), run={**self.progress, "wall_time": self.elapsed()},
+            config=self.c, model_config=dataclasses.asdict(self.model.config)))
+
+    def plot_attention(self, when, name):
+        panels = figures.attention_panels(self.model, example_inputs(self.c).to(self.device))
+        figures.plot_attention(panels, f"{run_name(self.c)} {when}", self.out / name)
+
+    def finish(self, stopped, failure):
+        """Print the final table and write the outputs: the last checkpoint and `done` (finished), `failed`
+        (diverged), or, when stopped early, an eval row at the stopping step that a resumed run drops."""
+        c, out, rows = self.c, self.out, self.progress["rows"]
+        final = rows[-1]
+        if failure:
+            print(failure, flush=True)
+        elif stopped:
+            print(f"interrupted at step {stopped}; the same command resumes from there", flush=True)
+            final = final if final["step"] == stopped else self.evaluate()
+        print_table(final, c["train_len"])
+        if not out:
+            return final
+        if final is not rows[-1]:
             append_metrics(out, final, c["eval_lens"])
         if not (stopped or failure):
-            checkpoint()
+            self.checkpoint()
             (out / "checkpoint_prev.pt").unlink(missing_ok=True)
-        figures.plot_attention(figures.attention_panels(model, example_inputs(c).to(device)),
-                               f"{run_name(c)} at step {run['step']}", out / "attention_final.png")
-        rows = run["rows"] + ([final] if final is not run["rows"][-1] else [])
-        figures.plot_accuracy([(run_name(c), c["train_len"], [rows])], out / "accuracy.png", run_name(c))
+        self.plot_attention(f"at step {self.step}", "attention_final.png")
+        shown = rows + ([final] if final is not rows[-1] else [])
+        figures.plot_accuracy([(run_name(c), c["train_len"], [shown])], out / "accuracy.png", run_name(c))
         if failure or not stopped:
             (out / ("failed" if failure else "done")).write_text((failure or "finished") + "\n")
+        return final
+
+
+def train(config):
+    """Train one run (a dict of the CLI flags; missing ones take their defaults). With config["out"], it writes
+    the run folder, checkpoints every --checkpoint-every steps and resumes from the folder's last checkpoint.
+    Returns the final metrics row. Raises Diverged when the loss turns NaN or Inf, and KeyboardInterrupt when
+    stopped early, after writing the outputs."""
+    run = Run(config)
+    c, stopped, failure = run.c, None, None
+    run.start()
+    with StopRequest() as stop:
+        while run.step < c["steps"]:
+            loss = run.train_step()
+            if not math.isfinite(loss):
+                failure = (f"step {run.step}: loss {loss} at lr {run.schedule.get_last_lr()[0]:.3g} (peak --lr "
+                           f"{c['lr']:g}): the run diverged; try a lower --lr or a --grad-clip")
+                break
+            if run.step % c["eval_every"] == 0 or run.step == c["steps"]:
+                run.log_eval()
+            if stop.requested and run.step < c["steps"]:
+                stopped = run.step
+            if run.out and (run.step % c["checkpoint_every"] == 0 or stopped) and run.step < c["steps"]:
+                run.checkpoint()  # its rows end at the last regular eval, as an uninterrupted run's do
+            if stopped:
+                break
+    final = run.finish(stopped, failure)
     if failure:
         raise Diverged(failure)
     if stopped:
