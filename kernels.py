@@ -100,6 +100,28 @@ def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
             _check(name, t, "(dim,)", (dim,), u, False)
 
 
+def _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must have shape (batch, L, H, P), got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"x must be fp16, bf16, fp32 or fp64, got {x.dtype}")
+    batch, L, H, P = x.shape
+    if not isinstance(B, torch.Tensor) or B.dim() != 4 or B.shape[:2] != (batch, L):
+        raise ValueError(f"B must have shape (batch, L, G, N) = ({batch}, {L}, G, N), got {getattr(B, 'shape', None)}")
+    G, N = B.shape[2:]
+    if G < 1 or H % G:
+        raise ValueError(f"B has G={G} groups but H={H} heads is not divisible by G")
+    _check("dt", dt, "(batch, L, H)", (batch, L, H), x, True)
+    _check("A", A, "(H,)", (H,), x, False)
+    _check("B", B, "(batch, L, G, N)", (batch, L, G, N), x, False)
+    _check("C", C, "(batch, L, G, N)", (batch, L, G, N), x, False)
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            _check(name, t, "(H,)", (H,), x, False)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def _pick_backend(backend, device, default_triton):
     if backend is None:
         backend = "triton" if default_triton and triton is not None and device.type == "cuda" else "torch"
@@ -275,50 +297,59 @@ class _SelectiveScanTorch(torch.autograd.Function):
 if triton is not None:
     _INTERPRETED = bool(triton.knobs.runtime.interpret)
 
-    @triton.jit
-    def _program_block(A_ptr, D_ptr, bias_ptr, L, DIM, N, R, G, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Offsets and per-channel parameters of this program: one batch row x BLOCK_D channels of one group."""
-        pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)  # N padded to a power of two; padded lanes have A = B = C = 0, so h = 0
-        mask = (offs_d[:, None] < DIM) & (offs_n[None, :] < N)  # (BLOCK_D, BLOCK_N)
-        dn = offs_d[:, None] * N + offs_n[None, :]  # offsets into (D, N) tensors
-        A = tl.load(A_ptr + dn, mask=mask, other=0.0).to(tl.float32)
-        row = pid_b * DIM * L + offs_d * L  # (BLOCK_D,) start of each channel's sequence in (b, D, L)
-        bc = (pid_b * G + (pid_d * BLOCK_D) // R) * N * L + offs_n * L  # (BLOCK_N,) rows of B and C
-        Dv = tl.zeros([BLOCK_D], tl.float32) if D_ptr is None else tl.load(D_ptr + offs_d).to(tl.float32)
-        bias = tl.zeros([BLOCK_D], tl.float32) if bias_ptr is None else tl.load(bias_ptr + offs_d).to(tl.float32)
-        return pid_b, pid_d, offs_d, offs_n, mask, dn, A, row, bc, Dv, bias
+    # Names follow flash-linear-attention's convention: i_ program ids, o_ offsets, m_ masks, b_ blocks of
+    # values loaded into registers; the math keeps the symbols of the module docstring (h, g, a, y).
 
     @triton.jit
-    def _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, n_ok, SOFTPLUS: tl.constexpr):
+    def _offsets(i_b, i_d, L, DIM, N, R, G, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's channels o_d and state lanes o_n; the mask and offsets of its (D, N) tile; where its
+        channels' sequences start in (b, D, L) tensors, and its group's rows of B and C in (b, G, N, L)."""
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        o_n = tl.arange(0, BLOCK_N)  # N padded to a power of two; padded lanes have A = B = C = 0, so h = 0
+        m_dn = (o_d[:, None] < DIM) & (o_n[None, :] < N)  # (BLOCK_D, BLOCK_N)
+        o_dn = o_d[:, None] * N + o_n[None, :]
+        o_seq = i_b * DIM * L + o_d * L  # (BLOCK_D,)
+        o_bc = (i_b * G + (i_d * BLOCK_D) // R) * N * L + o_n * L  # (BLOCK_N,): a block never straddles groups
+        return o_d, o_n, m_dn, o_dn, o_seq, o_bc
+
+    @triton.jit
+    def _load_params(A_ptr, D_ptr, bias_ptr, o_d, o_dn, m_dn, BLOCK_D: tl.constexpr):
+        """b_A (BLOCK_D, BLOCK_N), b_D and b_bias (BLOCK_D,) in fp32; D and the bias are 0 when absent."""
+        b_A = tl.load(A_ptr + o_dn, mask=m_dn, other=0.0).to(tl.float32)
+        b_D = tl.zeros([BLOCK_D], tl.float32) if D_ptr is None else tl.load(D_ptr + o_d).to(tl.float32)
+        b_bias = tl.zeros([BLOCK_D], tl.float32) if bias_ptr is None else tl.load(bias_ptr + o_d).to(tl.float32)
+        return b_A, b_D, b_bias
+
+    @triton.jit
+    def _load_step(delta_ptr, u_ptr, B_ptr, o_seq, o_bc, t, b_bias, m_n, SOFTPLUS: tl.constexpr):
         """delta_t + bias, Δ_t, u_t (BLOCK_D,) and B_t (BLOCK_N,) in fp32."""
-        raw = tl.load(delta_ptr + row + t).to(tl.float32) + bias
-        dl = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw) if SOFTPLUS else raw  # softplus as in torch
-        u = tl.load(u_ptr + row + t).to(tl.float32)
-        return raw, dl, u, tl.load(B_ptr + bc + t, mask=n_ok, other=0.0).to(tl.float32)
+        b_raw = tl.load(delta_ptr + o_seq + t).to(tl.float32) + b_bias
+        b_dl = tl.where(b_raw <= 20.0, tl.log(1.0 + tl.exp(b_raw)), b_raw) if SOFTPLUS else b_raw  # torch's softplus
+        b_u = tl.load(u_ptr + o_seq + t).to(tl.float32)
+        return b_raw, b_dl, b_u, tl.load(B_ptr + o_bc + t, mask=m_n, other=0.0).to(tl.float32)
 
     @triton.jit
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
                          starts_ptr, L, DIM, N, R, G, n_chunks, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Sequential over time; the state (BLOCK_D, BLOCK_N) lives in registers."""
-        pid_b, pid_d, offs_d, offs_n, mask, dn, A, row, bc, Dv, bias = _program_block(
-            A_ptr, D_ptr, bias_ptr, L, DIM, N, R, G, BLOCK_D, BLOCK_N)
+        """Sequential over time; the state h (BLOCK_D, BLOCK_N) lives in registers."""
+        i_b, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        o_d, o_n, m_dn, o_dn, o_seq, o_bc = _offsets(i_b, i_d, L, DIM, N, R, G, BLOCK_D, BLOCK_N)
+        b_A, b_D, b_bias = _load_params(A_ptr, D_ptr, bias_ptr, o_d, o_dn, m_dn, BLOCK_D)
         h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
         for c in range(0, n_chunks):
             if starts_ptr is not None:  # the backward restarts each chunk from here
-                tl.store(starts_ptr + (pid_b * n_chunks + c) * DIM * N + dn, h, mask=mask)
+                tl.store(starts_ptr + (i_b * n_chunks + c) * DIM * N + o_dn, h, mask=m_dn)
             for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
-                _, dl, u, Bt = _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, offs_n < N, SOFTPLUS)
-                Ct = tl.load(C_ptr + bc + t, mask=offs_n < N, other=0.0).to(tl.float32)
-                h = tl.exp(dl[:, None] * A) * h + (dl * u)[:, None] * Bt[None, :]
-                y = tl.sum(h * Ct[None, :], 1) + Dv * u
+                _, b_dl, b_u, b_B = _load_step(delta_ptr, u_ptr, B_ptr, o_seq, o_bc, t, b_bias, o_n < N, SOFTPLUS)
+                b_C = tl.load(C_ptr + o_bc + t, mask=o_n < N, other=0.0).to(tl.float32)
+                h = tl.exp(b_dl[:, None] * b_A) * h + (b_dl * b_u)[:, None] * b_B[None, :]
+                y = tl.sum(h * b_C[None, :], 1) + b_D * b_u
                 if z_ptr is not None:
-                    zt = tl.load(z_ptr + row + t).to(tl.float32)
-                    y = y * zt * tl.sigmoid(zt)
-                tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty))
-        tl.store(last_ptr + pid_b * DIM * N + dn, h, mask=mask)
+                    b_z = tl.load(z_ptr + o_seq + t).to(tl.float32)
+                    y = y * b_z * tl.sigmoid(b_z)
+                tl.store(out_ptr + o_seq + t, y.to(out_ptr.dtype.element_ty))
+        tl.store(last_ptr + i_b * DIM * N + o_dn, h, mask=m_dn)
 
     @triton.jit
     def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr,
@@ -330,61 +361,62 @@ if triton is not None:
         dA, dD, dbias are written per batch row and dB, dC per channel block (summed on the host):
         no atomics, so the result is deterministic.
         """
-        pid_b, pid_d, offs_d, offs_n, mask, dn, A, row, bc, Dv, bias = _program_block(
-            A_ptr, D_ptr, bias_ptr, L, DIM, N, R, G, BLOCK_D, BLOCK_N)
+        i_b, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        o_d, o_n, m_dn, o_dn, o_seq, o_bc = _offsets(i_b, i_d, L, DIM, N, R, G, BLOCK_D, BLOCK_N)
+        b_A, b_D, b_bias = _load_params(A_ptr, D_ptr, bias_ptr, o_d, o_dn, m_dn, BLOCK_D)
         n_dblk = DIM // BLOCK_D
-        part = (pid_b * n_dblk + pid_d) * N * L + offs_n * L  # (BLOCK_N,) this block's rows of dB, dC
+        o_part = (i_b * n_dblk + i_d) * N * L + o_n * L  # (BLOCK_N,) this block's rows of dB, dC
         # scratch slot k holds h_{s-1+k} for the current chunk [s, e); one (BLOCK_D, BLOCK_N) tile per slot
-        tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
-        scratch = scratch_ptr + (pid_b * n_dblk + pid_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N + tile
+        o_tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + o_n[None, :]
+        scratch = scratch_ptr + (i_b * n_dblk + i_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N + o_tile
         g = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)  # a_{t+1} g_{t+1}: what later steps send back to h_t
         if dlast_ptr is not None:
-            g = tl.load(dlast_ptr + pid_b * DIM * N + dn, mask=mask, other=0.0)
+            g = tl.load(dlast_ptr + i_b * DIM * N + o_dn, mask=m_dn, other=0.0)
         dA = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
         dD = tl.zeros([BLOCK_D], tl.float32)
         dbias = tl.zeros([BLOCK_D], tl.float32)
         for ci in range(0, n_chunks):
             s = (n_chunks - 1 - ci) * CHUNK
             e = tl.minimum(s + CHUNK, L)
-            h = tl.load(starts_ptr + (pid_b * n_chunks + s // CHUNK) * DIM * N + dn, mask=mask, other=0.0)
+            h = tl.load(starts_ptr + (i_b * n_chunks + s // CHUNK) * DIM * N + o_dn, mask=m_dn, other=0.0)
             tl.store(scratch, h)
             for t in range(s, e):
-                _, dl, u, Bt = _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, offs_n < N, SOFTPLUS)
-                h = tl.exp(dl[:, None] * A) * h + (dl * u)[:, None] * Bt[None, :]
+                _, b_dl, b_u, b_B = _load_step(delta_ptr, u_ptr, B_ptr, o_seq, o_bc, t, b_bias, o_n < N, SOFTPLUS)
+                h = tl.exp(b_dl[:, None] * b_A) * h + (b_dl * b_u)[:, None] * b_B[None, :]
                 tl.store(scratch + (t - s + 1) * BLOCK_D * BLOCK_N, h)
             tl.debug_barrier()  # states stored by one thread are read by another below
             for k in range(0, e - s):  # h is h_t here
                 t = e - 1 - k
                 h_prev = tl.load(scratch + (t - s) * BLOCK_D * BLOCK_N)
-                raw, dl, u, Bt = _load_step(delta_ptr, u_ptr, B_ptr, row, bc, t, bias, offs_n < N, SOFTPLUS)
-                Ct = tl.load(C_ptr + bc + t, mask=offs_n < N, other=0.0).to(tl.float32)
-                dy = tl.load(dout_ptr + row + t).to(tl.float32)
+                b_raw, b_dl, b_u, b_B = _load_step(delta_ptr, u_ptr, B_ptr, o_seq, o_bc, t, b_bias, o_n < N, SOFTPLUS)
+                b_C = tl.load(C_ptr + o_bc + t, mask=o_n < N, other=0.0).to(tl.float32)
+                b_dy = tl.load(dout_ptr + o_seq + t).to(tl.float32)
                 if z_ptr is not None:  # out = y * silu(z)
-                    zt = tl.load(z_ptr + row + t).to(tl.float32)
-                    sz = tl.sigmoid(zt)
-                    y = tl.sum(h * Ct[None, :], 1) + Dv * u
-                    tl.store(dz_ptr + row + t, (dy * y * sz * (1 + zt * (1 - sz))).to(dz_ptr.dtype.element_ty))
-                    dy = dy * zt * sz
-                a = tl.exp(dl[:, None] * A)
-                g += dy[:, None] * Ct[None, :]  # now g = dLoss/dh_t
-                gB = tl.sum(g * Bt[None, :], 1)
+                    b_z = tl.load(z_ptr + o_seq + t).to(tl.float32)
+                    sz = tl.sigmoid(b_z)
+                    y = tl.sum(h * b_C[None, :], 1) + b_D * b_u
+                    tl.store(dz_ptr + o_seq + t, (b_dy * y * sz * (1 + b_z * (1 - sz))).to(dz_ptr.dtype.element_ty))
+                    b_dy = b_dy * b_z * sz
+                a = tl.exp(b_dl[:, None] * b_A)
+                g += b_dy[:, None] * b_C[None, :]  # now g = dLoss/dh_t
+                gB = tl.sum(g * b_B[None, :], 1)
                 dlog_a = g * h_prev * a  # dLoss/d(Δ_t A)
-                ddl = tl.sum(dlog_a * A, 1) + gB * u
+                ddl = tl.sum(dlog_a * b_A, 1) + gB * b_u
                 if SOFTPLUS:
-                    ddl = ddl * tl.sigmoid(raw)
-                tl.store(du_ptr + row + t, (gB * dl + dy * Dv).to(du_ptr.dtype.element_ty))
-                tl.store(ddelta_ptr + row + t, ddl.to(ddelta_ptr.dtype.element_ty))
-                tl.store(dB_ptr + part + t, tl.sum(g * (dl * u)[:, None], 0), mask=offs_n < N)
-                tl.store(dC_ptr + part + t, tl.sum(h * dy[:, None], 0), mask=offs_n < N)
-                dA += dlog_a * dl[:, None]
-                dD += dy * u
+                    ddl = ddl * tl.sigmoid(b_raw)
+                tl.store(du_ptr + o_seq + t, (gB * b_dl + b_dy * b_D).to(du_ptr.dtype.element_ty))
+                tl.store(ddelta_ptr + o_seq + t, ddl.to(ddelta_ptr.dtype.element_ty))
+                tl.store(dB_ptr + o_part + t, tl.sum(g * (b_dl * b_u)[:, None], 0), mask=o_n < N)
+                tl.store(dC_ptr + o_part + t, tl.sum(h * b_dy[:, None], 0), mask=o_n < N)
+                dA += dlog_a * b_dl[:, None]
+                dD += b_dy * b_u
                 dbias += ddl
                 g = g * a
                 h = h_prev
             tl.debug_barrier()  # the next chunk overwrites scratch
-        tl.store(dA_ptr + pid_b * DIM * N + dn, dA, mask=mask)
-        tl.store(dD_ptr + pid_b * DIM + offs_d, dD)
-        tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias)
+        tl.store(dA_ptr + i_b * DIM * N + o_dn, dA, mask=m_dn)
+        tl.store(dD_ptr + i_b * DIM + o_d, dD)
+        tl.store(dbias_ptr + i_b * DIM + o_d, dbias)
 else:
     _INTERPRETED = False
 
@@ -477,11 +509,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 # ----------------------------------------------------------------------------- Mamba2 (SSD)
 
 
-def _segsum(x):
+def segsum(x):
     """(..., T) -> (..., T, T) with out[..., i, j] = x_{j+1} + ... + x_i for i >= j and -inf above the diagonal.
 
     Built by cumulatively summing masked copies, so it stays exact where cs_i - cs_j of one long
-    cumsum would cancel digits.
+    cumsum would cancel digits. mimetic.py has its own copy of this function, so that each file stands alone.
     """
     T = x.shape[-1]
     ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
@@ -507,7 +539,7 @@ def _ssd_torch(x, dl, A, B, C, Q, need_state):
     xdt = (x * dl[..., None]).view(b, nc, Q, G, R, P)  # Δ_j x_j
     B, C = B.view(b, nc, Q, G, N), C.view(b, nc, Q, G, N)
     log_a = (dl * A).view(b, nc, Q, G, R).permute(0, 3, 4, 1, 2)  # (b, G, R, nc, Q): Δ_t A_h
-    seg = _segsum(log_a)  # (b, G, R, nc, Q, Q)
+    seg = segsum(log_a)  # (b, G, R, nc, Q, Q)
     # 1. inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(seg_ij) Δ_j x_j
     CB = torch.einsum("bcign,bcjgn->bgcij", C, B)  # (b, G, nc, Q, Q)
     y = torch.einsum("bgcij,bgrcij,bcjgrp->bcigrp", CB, seg.exp(), xdt)  # (b, nc, Q, G, R, P)
@@ -538,22 +570,8 @@ def ssd_scan(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, chunk_s
     Returns y (b, L, H, P), or (y, last_state (b, H, P, N)). backend: "torch" (default, chunked matmul
     form with plain autograd), "ref" or "triton" (selective_scan with A repeated per head channel).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must have shape (batch, L, H, P), got {getattr(x, 'shape', type(x).__name__)}")
-    (b, L, H, P) = x.shape
-    if not isinstance(B, torch.Tensor) or B.dim() != 4 or B.shape[:2] != (b, L):
-        raise ValueError(f"B must have shape (batch, L, G, N) = ({b}, {L}, G, N), got {getattr(B, 'shape', None)}")
-    G, N = B.shape[2:]
-    if G < 1 or H % G:
-        raise ValueError(f"B has G={G} groups but H={H} heads is not divisible by G")
-    _check("dt", dt, "(batch, L, H)", (b, L, H), x, True)
-    _check("A", A, "(H,)", (H,), x, False)
-    _check("C", C, "(batch, L, G, N)", (b, L, G, N), x, False)
-    for name, t in (("D", D), ("dt_bias", dt_bias)):
-        if t is not None:
-            _check(name, t, "(H,)", (H,), x, False)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size)
+    (b, L, H, P), N = x.shape, B.shape[-1]
     backend = _pick_backend(backend, x.device, default_triton=False)
     if backend != "torch":  # one Mamba1 channel per (head, head channel) pair: d = h * P + p
         per_chan = lambda t: None if t is None else t.repeat_interleave(P)  # (H,) -> (H*P,)

@@ -504,10 +504,11 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
 # ----------------------------------------------------------------------------------------------------
 # Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā
 
-def segment_sum(log_a):
+def segsum(log_a):
     """S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j and −inf above the diagonal, so exp(S) is the
     causal mask ∏_{k=j+1..i} Ā_k. Summing masked terms (not differencing a cumsum) keeps it exact for
-    long L. (..., L) → (..., L, L)."""
+    long L. (..., L) → (..., L, L). mamba_ssm's name; kernels.py has its own copy, so that each file
+    stands alone."""
     L = log_a.shape[-1]
     ones = torch.ones(L, L, dtype=torch.bool, device=log_a.device)
     terms = log_a[..., :, None].expand(*log_a.shape, L).masked_fill(~ones.tril(-1), 0)  # [k, j] = log_a[k], k > j
@@ -528,11 +529,11 @@ def ssm_matrix(delta, A, B, C):
     G, N = B.shape[1], B.shape[2]
     if shared_across_states(A):  # the mask leaves Σ_n: M = mask ⊙ C_iᵀ B_j Δ_j, multi-head linear attention
         CB = (C.transpose(-1, -2) @ B).repeat_interleave(D // G, dim=1)  # (b, D, L, L)
-        return segment_sum(delta * A[:, 0, None]).exp() * CB * delta[..., None, :]
+        return segsum(delta * A[:, 0, None]).exp() * CB * delta[..., None, :]
     M = delta.new_zeros(b, D, L, L)
     for n in range(N):  # one state dimension at a time keeps memory at (b, D, L, L)
         B_n, C_n = (t[:, :, n].repeat_interleave(D // G, dim=1) for t in (B, C))  # (b, D, L)
-        M += C_n[..., :, None] * segment_sum(delta * A[:, n, None]).exp() * (delta * B_n)[..., None, :]
+        M += C_n[..., :, None] * segsum(delta * A[:, n, None]).exp() * (delta * B_n)[..., None, :]
     return M
 
 
@@ -559,7 +560,7 @@ def attention_mask(layer, hidden_states):
         raise TypeError(f"only Mamba layers have a mask ∏Ā, got {type(layer).__name__}")
     delta, A, _, _ = layer.ssm_params(hidden_states)
     columns = A[:, :1] if shared_across_states(A) else A
-    return sum(segment_sum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
+    return sum(segsum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------------

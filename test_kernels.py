@@ -1,5 +1,6 @@
 """kernels.py: every backend of selective_scan and ssd_scan against the reference loop, gradients included,
 and clear errors on bad input. The Triton kernels run in Triton's interpreter on a machine without a GPU."""
+import os
 import subprocess
 import sys
 
@@ -269,6 +270,10 @@ def test_ssd_rejects_bad_inputs():
         kernels.ssd_scan(**{**ssd_inputs(), "A": torch.zeros(4, 5)})
     with pytest.raises(ValueError, match="chunk_size"):
         kernels.ssd_scan(**ssd_inputs(), chunk_size=0)
+    with pytest.raises(ValueError, match="x must be fp16, bf16, fp32 or fp64"):
+        kernels.ssd_scan(**{**ssd_inputs(), "x": torch.zeros(2, 45, 4, 3, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="B has dtype"):
+        kernels.ssd_scan(**{**ssd_inputs(), "B": torch.zeros(2, 45, 2, 5, dtype=torch.float64)})
 
 
 def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
@@ -287,6 +292,51 @@ def test_kernels_imports_without_triton():
             "torch.randn(1, 4, 3), torch.randn(1, 4, 3)); assert y.shape == (1, 2, 3) and y.isfinite().all()")
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# ----------------------------------------------------------------------------- the GPU compiler, on a CPU
+
+COMPILE_REPORT = """
+import os, subprocess, sys, tempfile, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+fp32 = ("A_ptr", "D_ptr", "bias_ptr", "last_ptr", "starts_ptr", "scratch_ptr", "dlast_ptr", "dA_ptr", "dB_ptr",
+        "dC_ptr", "dD_ptr", "dbias_ptr")
+for dim, N in ((2048, 32), (128, 16)):  # the paper's Mamba 1 layer, and the Mamba paper's small one
+    block_d, block_n, warps = kernels._triton_blocks(64, dim, 1, N)
+    for capability in (80, 90):
+        for act in ("fp32", "bf16"):
+            for fn in (kernels._scan_fwd_kernel, kernels._scan_bwd_kernel):
+                constants = dict(SOFTPLUS=True, CHUNK=kernels.TRITON_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+                signature = {a: "constexpr" if a in constants else "i32" if not a.endswith("_ptr") else
+                             "*fp32" if a in fp32 else "*" + act for a in fn.arg_names}
+                compiled = triton.compile(ASTSource(fn, signature, constexprs=constants),
+                                          target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps))
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                           check=True).stdout.split("REG:")[1].split()
+                print(f"sm_{capability} {fn.__name__} {act} D={dim} N={N} block {block_d}x{block_n} warps {warps}: "
+                      f"{usage[0]} registers, {usage[3].split(':')[1]} bytes spilled")
+"""
+
+
+@pytest.mark.long
+@pytest.mark.skipif(kernels.triton is None, reason="needs triton")
+def test_triton_kernels_compile_for_sm80_and_sm90(capsys):
+    """The interpreter runs code that the GPU compiler may still reject: compile both kernels to PTX and a
+    cubin for the A100 (sm_80) and H100 (sm_90) on this CPU, no GPU needed, and print registers and spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_REPORT], cwd=HERE, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    with capsys.disabled():  # into CI's log
+        print("\n" + "\n".join(lines))
+    assert len(lines) == 16 and all(line.endswith(" 0 bytes spilled") for line in lines)
 
 
 # ----------------------------------------------------------------------------- GPU only (run on a GPU later)

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 import mimetic
-from mimetic import (LM, Mamba1, Mamba2, ModelConfig, attention_map, attention_mask, attention_matrix,
-                     mimetic_init_, segment_sum, selective_scan_loop)
+from mimetic import (LM, Mamba1, Mamba2, ModelConfig, attention_map, attention_mask, attention_matrix, evaluate,
+                     make_batch, mimetic_init_, segsum, selective_scan_loop, task_vocab_size)
 
 warnings.filterwarnings("ignore", message=".*non-interactive.*")  # plt.show() under a headless script
 torch.manual_seed(0)
@@ -69,20 +69,25 @@ def check(name, got, want, tol):
 # N geometric decays.
 
 # %%
-T, N = 10, 4
-A_bar, B_bar, C_vec = torch.rand(N) * 0.9, torch.randn(N), torch.randn(N)  # diagonal Ā, B̄ (N×1), C (1×N)
-x = torch.randn(T)
+def recurrence(A_bar, B_bar, C, x):
+    """Eq. 1 one step at a time: h_t = Ā h_{t−1} + B̄ x_t, y_t = C h_t, for diagonal Ā (N,) and B̄, C (N,)."""
+    h, ys = torch.zeros_like(A_bar), []
+    for x_t in x:
+        h = A_bar * h + B_bar * x_t
+        ys.append(C @ h)
+    return torch.stack(ys)
 
-h, y_rec = torch.zeros(N), []
-for t in range(T):  # the recurrence, five lines
-    h = A_bar * h + B_bar * x[t]
-    y_rec.append(C_vec @ h)
-y_rec = torch.stack(y_rec)
 
-i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-powers = (i - j).clamp(min=0)[..., None]  # (T, T, 1): the exponent i − j
-M = torch.where((i >= j)[..., None], A_bar ** powers, 0.0) @ (C_vec * B_bar)  # M_ij = Σ_n C_n Ā_n^{i−j} B̄_n
-check("recurrence == M x", y_rec, M @ x, 1e-5)
+def unrolled_matrix(A_bar, B_bar, C, T):
+    """The same map as one matrix: M_ij = Σ_n C_n Ā_n^{i−j} B̄_n for i ≥ j, else 0. (T, T)."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    powers = (i - j).clamp(min=0)[..., None]  # (T, T, 1): the exponent i − j
+    return torch.where((i >= j)[..., None], A_bar ** powers, 0.0) @ (C * B_bar)
+
+
+A_bar, B_bar, C_vec, x = torch.rand(4) * 0.9, torch.randn(4), torch.randn(4), torch.randn(10)  # N = 4, T = 10
+M = unrolled_matrix(A_bar, B_bar, C_vec, len(x))
+check("recurrence == M x", recurrence(A_bar, B_bar, C_vec, x), M @ x, 1e-5)
 assert torch.equal(M, M.tril()), "M is lower-triangular: y_i never reads x_j for j > i"
 print("M[:4, :4] =\n", M[:4, :4])
 
@@ -119,11 +124,13 @@ print("M:", tuple(M.shape), "  lower-triangular:", bool((M.triu(1) == 0).all()))
 check("Eq. 8: M_d X_d == selective scan", y_attn, y_scan, 1e-5)
 check("out_proj((M X + D·X) ⊙ SiLU(z)) == Mamba1(hidden)", out, layer(hidden).detach(), 1e-5)
 
-# One entry of Eq. 8 written out by hand: query C_i, keys B̄_j = Δ_j B_j, mask ∏ Ā_k
-b_, d_, i_, j_ = 1, 5, 9, 3
-A_bar = torch.exp(delta[b_, d_, :, None] * A[d_])  # (T, N): Ā_{d,:,k}
-entry = C4[b_, 0, :, i_] @ (A_bar[j_ + 1:i_ + 1].prod(0) * delta[b_, d_, j_] * B4[b_, 0, :, j_])
-check(f"M[{b_}, {d_}, {i_}, {j_}] by hand from Eq. 8", entry, M[b_, d_, i_, j_], 1e-6)
+def eq8_entry(delta, A, B, C, b, d, i, j):
+    """M[b, d, i, j] of Eq. 8 by hand: query C_i, key B̄_j = Δ_j B_j, mask ∏_{k=j+1..i} Ā_k."""
+    A_bar = torch.exp(delta[b, d, :, None] * A[d])  # (T, N): Ā_{d,:,k}
+    return C[b, 0, :, i] @ (A_bar[j + 1:i + 1].prod(0) * delta[b, d, j] * B[b, 0, :, j])
+
+
+check("M[1, 5, 9, 3] by hand from Eq. 8", eq8_entry(delta, A, B4, C4, 1, 5, 9, 3), M[1, 5, 9, 3], 1e-6)
 
 # %% [markdown]
 # The default init makes the mask short: Mamba 1's A = −exp(A_log) with A_log = log n (n = 1..N), so
@@ -212,11 +219,16 @@ assert errors[8.0] < 0.05, errors
 
 # %%
 torch.manual_seed(0)
-D_, N_, n = 512, 64, 12  # token dimension, state size (head dim), string length; paste the whole string (k = n)
-tokens = F.normalize(torch.randn(n + 1, D_), dim=-1)  # x_1..x_n and x_∥ (last row)
-pos = F.normalize(torch.randn(n + 1, D_), dim=-1)  # p_1..p_{n+1}
-X_ = torch.cat([tokens[:n], tokens[n:], tokens[:n]])  # (2n+1, D): copy string, separator, paste string
-P_ = torch.cat([pos[:n], pos[:1], pos[1:n + 1]])  # positions: 1..n, then 1, 2..n+1 (shifted by one)
+def copy_example_with_positions(n, D):
+    """X and P of §3.2 for a copy example x_1..x_n x_∥ x_1..x_n (the whole string pasted, k = n): random unit
+    token vectors, and unit positions 1..n, then 1, 2..n+1 (shifted by one in the paste string). (2n+1, D) each."""
+    tokens = F.normalize(torch.randn(n + 1, D), dim=-1)  # x_1..x_n and x_∥ (last row)
+    pos = F.normalize(torch.randn(n + 1, D), dim=-1)  # p_1..p_{n+1}
+    return torch.cat([tokens[:n], tokens[n:], tokens[:n]]), torch.cat([pos[:n], pos[:1], pos[1:n + 1]])
+
+
+D_model, N_state, n = 512, 64, 12  # token dimension, state size (head dim), string length
+X_, P_ = copy_example_with_positions(n, D_model)
 fX = X_ + P_
 gram = fX @ fX.T  # f(X)ᵀ f(X) (rows are tokens here)
 
@@ -225,8 +237,8 @@ paste_rows, copy_cols = torch.arange(n + 1, 2 * n + 1), torch.arange(n)  # paste
 look_behind = (P_ @ P_.T)[paste_rows[:-1], copy_cols[1:]]  # paste x_k → copy x_{k+1}
 check("PᵀP[paste x_k, copy x_{k+1}] == 1 (look-behind)", look_behind, torch.ones(n - 1), 1e-6)
 
-W_B = torch.randn(N_, D_) / N_ ** 0.5  # E[W_Bᵀ W_B] = I
-W_C_random = torch.randn(N_, D_) / N_ ** 0.5
+W_B = torch.randn(N_state, D_model) / N_state ** 0.5  # E[W_Bᵀ W_B] = I
+W_C_random = torch.randn(N_state, D_model) / N_state ** 0.5
 seen = {"W_C = W_B": W_B, "mimetic W_C = ½(W_C′ + W_B)": 0.5 * (W_C_random + W_B),
         "independent W_C, W_B": W_C_random}
 seen = {k: ((fX @ W_C.T) @ (W_B @ fX.T)).tril() for k, W_C in seen.items()}  # CausalMask(f(X)ᵀ W_Cᵀ W_B f(X))
@@ -302,7 +314,7 @@ with torch.no_grad():
     delta2, A2, _, _ = layer2.ssm_params(hidden)  # Δ (b, H, T); A (H, N), constant along N
     M2 = attention_matrix(layer2, hidden)  # (b, H, T, T)
     y_heads = torch.einsum("bhij,bjhp->bihp", M2, X2)  # each head attends with its own M_h
-    mask2 = segment_sum(delta2 * layer2.A[:, None]).exp()  # (b, H, T, T): ∏ Ā
+    mask2 = segsum(delta2 * layer2.A[:, None]).exp()  # (b, H, T, T): ∏ Ā
     qk = torch.einsum("bin,bjn->bij", C2[:, :, 0], B2[:, :, 0])  # C_iᵀ B_j, shared by the heads (G = 1)
 print("M:", tuple(M2.shape))
 check("Mamba 2: M_h == mask ⊙ (C_iᵀ B_j Δ_j)", M2, mask2 * qk[:, None] * delta2[:, :, None, :], 1e-5)
@@ -321,7 +333,7 @@ def ssd_chunked(X, a, B, C, Q):
     a = a.reshape(b, T // Q, Q, H).permute(0, 3, 1, 2)  # (b, H, chunks, Q)
     a_cum = a.cumsum(-1)
     # 1. diagonal blocks: Eq. 8 restricted to a chunk, mask ⊙ (C_iᵀ B_j) times X
-    y_diag = torch.einsum("bcin,bcjn,bhcij,bcjhp->bcihp", C, B, segment_sum(a).exp(), X)
+    y_diag = torch.einsum("bcin,bcjn,bhcij,bcjhp->bcihp", C, B, segsum(a).exp(), X)
     # 2. the state each chunk leaves behind from its own inputs: Σ_j (∏_{k>j} Ā_k) B_j X_j
     states = torch.einsum("bcjn,bhcj,bcjhp->bchpn", B, (a_cum[..., -1:] - a_cum).exp(), X)
     # 3. carry states across chunks: the same recurrence, one step per chunk, decaying by ∏ Ā over the chunk
@@ -338,10 +350,10 @@ with torch.no_grad():
     Delta = delta2.transpose(1, 2)  # (b, T, H)
     y_ssd = ssd_chunked(X2 * Delta[..., None], Delta * layer2.A, B2[:, :, 0], C2[:, :, 0], Q=8)
     # the recurrence: every head channel is a Mamba 1 channel whose A is the head's scalar
-    b_, T_, H_, P_ = X2.shape
-    y_loop = selective_scan_loop(X2.permute(0, 2, 3, 1).reshape(b_, H_ * P_, T_), delta2.repeat_interleave(P_, 1),
-                                 A2.repeat_interleave(P_, 0), B2.permute(0, 2, 3, 1), C2.permute(0, 2, 3, 1))
-    y_loop = y_loop.view(b_, H_, P_, T_).permute(0, 3, 1, 2)
+    P = layer2.headdim
+    y_loop = selective_scan_loop(X2.permute(0, 2, 3, 1).flatten(1, 2), delta2.repeat_interleave(P, 1),
+                                 A2.repeat_interleave(P, 0), B2.permute(0, 2, 3, 1), C2.permute(0, 2, 3, 1))
+    y_loop = y_loop.unflatten(1, (-1, P)).permute(0, 3, 1, 2)  # (b, H·P, T) → (b, T, H, P)
     # and the layer's own output path: scan + D skip, gated RMSNorm, out_proj
     out2 = layer2.out_proj(layer2.norm((y_ssd + layer2.D[:, None] * X2).reshape(*z2.shape), z2))
 check("SSD chunked == recurrence (selective_scan_loop)", y_ssd, y_loop, 1e-5)
@@ -363,8 +375,6 @@ check("out_proj(norm((SSD + D·X) , z)) == Mamba2(hidden)", out2, layer2(hidden)
 # compare the layout; a trained hybrid's attention is the sharp look-behind of the paper's Fig. 2).
 
 # %%
-from mimetic import make_batch, task_vocab_size, evaluate  # noqa: E402  (the task API, §2 "Copying task")
-
 torch.manual_seed(0)
 V = task_vocab_size("copy", 12)
 ids, labels = make_batch("copy", 1, 16, vocab_size=12, generator=torch.Generator().manual_seed(0))
