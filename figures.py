@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # figures go to files; no display needed
 import matplotlib.pyplot as plt
 import torch
 
-from mimetic import SelectiveSSM, attention_map, attention_mask
+from mimetic import attention_map, attention_mask, layout_of
 
 METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
            "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
@@ -268,7 +268,7 @@ def attention_panels(model, inputs):
     """Per layer: (average attention map, average mask ∏Ā or None) on one example, as numpy arrays."""
     panels = []
     for block, h in zip(model.layers, model.mixer_inputs(inputs)):
-        is_ssm = isinstance(block.mixer, SelectiveSSM)
+        is_ssm = layout_of(block.mixer) is not None  # ours, or a transformers / mamba_ssm Mamba layer
         mask = attention_mask(block.mixer, h)[0].float().cpu().numpy() if is_ssm else None
         panels.append((attention_map(block.mixer, h)[0].float().cpu().numpy(), mask))
     return panels

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 
 def _companion_kernels():
@@ -155,8 +156,9 @@ def _check_input(hidden_states, d_model):
 class SelectiveSSM(nn.Module):
     """What Mamba 1 and 2 share: A from A_log, by default or in mimetic form (§3.1).
 
-    `mimetic_c` is None for the reference parameterization A = −exp(A_log). mimetic_init_ sets it to
-    a scalar buffer c, so A = −exp(−c · A_log) persists through training and in the state dict.
+    `mimetic_c` is None for the reference parameterization A = −exp(A_log). mimetic_init_ sets it to a
+    scalar buffer c, so A = −exp(−c · A_log) persists through training and in the state dict, which
+    loads into a model given the same mimetic_init_ (or anywhere, after bake_mimetic_A_).
     """
 
     def __init__(self):
@@ -167,12 +169,6 @@ class SelectiveSSM(nn.Module):
     def A(self):
         A_log = self.A_log.float()
         return -torch.exp(A_log if self.mimetic_c is None else -self.mimetic_c * A_log)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a mimetic layer's state dict carries c: make room for it so it loads into a fresh layer
-        if prefix + "mimetic_c" in state_dict and self.mimetic_c is None:
-            self.mimetic_c = torch.empty_like(state_dict[prefix + "mimetic_c"], device=self.A_log.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Mamba1(SelectiveSSM):
@@ -201,22 +197,8 @@ class Mamba1(SelectiveSSM):
         self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as the reference: decay would move A
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
-    def ssm_inputs(self, hidden_states):
-        """(b, L, d_model) → x (b, D, L) after conv and SiLU, dt (b, D, L) before its bias, B, C (b, N, L), z."""
-        _check_input(hidden_states, self.d_model)
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = dt @ self.dt_proj.weight.T  # (b, L, D); the bias is added in the scan
-        return tuple(t.transpose(1, 2) for t in (x, dt, B, C, z))  # (b, D or N, L): time last, as the scan wants
-
-    def ssm_params(self, hidden_states):
-        """Δ (b, D, L), A (D, N), B, C (b, 1, N, L): everything Eq. 8 needs, per channel."""
-        _, dt, B, C, _ = self.ssm_inputs(hidden_states)
-        return F.softplus(dt + self.dt_proj.bias[:, None]), self.A, B[:, None], C[:, None]
-
     def forward(self, hidden_states):
-        x, dt, B, C, z = self.ssm_inputs(hidden_states)
+        x, dt, B, C, z = ssm_inputs(self, hidden_states)
         y = selective_scan(x, dt, self.A, B, C, self.D.float(), z, self.dt_proj.bias.float())
         return self.out_proj(y.transpose(1, 2))  # (b, L, d_model)
 
@@ -245,25 +227,8 @@ class Mamba2(SelectiveSSM):
         self.norm = RMSNorm(D, eps=1e-5, group_size=D // G)
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
-    def ssm_inputs(self, hidden_states):
-        """(b, L, d_model) → x (b, L, H, P), dt (b, L, H) before its bias, B, C (b, L, G, N), z (b, L, D)."""
-        _check_input(hidden_states, self.d_model)
-        D, GN = self.d_inner, self.ngroups * self.d_state
-        z, xBC, dt = self.in_proj(hidden_states).split([D, D + 2 * GN, self.nheads], dim=-1)
-        xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))  # (b, L, D + 2GN)
-        x, B, C = xBC.split([D, GN, GN], dim=-1)
-        return (x.unflatten(-1, (self.nheads, self.headdim)), dt, B.unflatten(-1, (self.ngroups, self.d_state)),
-                C.unflatten(-1, (self.ngroups, self.d_state)), z)
-
-    def ssm_params(self, hidden_states):
-        """Δ (b, H, L), A (H, N), B, C (b, G, N, L): Eq. 8 per head, A the same for all N (§2)."""
-        _, dt, B, C, _ = self.ssm_inputs(hidden_states)
-        delta = F.softplus(dt + self.dt_bias).transpose(1, 2)  # (b, H, L)
-        A = self.A[:, None].expand(self.nheads, self.d_state)  # (H, N)
-        return delta, A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
-
     def forward(self, hidden_states):
-        x, dt, B, C, z = self.ssm_inputs(hidden_states)
+        x, dt, B, C, z = ssm_inputs(self, hidden_states)
         y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
         y = self.norm(y.reshape(*z.shape), z)  # (b, L, D)
         return self.out_proj(y)
@@ -354,11 +319,9 @@ class ModelConfig:
         if len(self.pattern) != self.n_layers or set(self.pattern) - set("MAL"):
             raise ValueError(f"pattern must be {self.n_layers} letters from M, A, L, got {self.pattern!r}")
         for name in ("vocab_size", "d_model", "n_layers", "expand", "d_conv", "headdim", "n_heads",
-                     "linear_head_dim", "ngroups", "chunk_size"):
-            if getattr(self, name) <= 0:
+                     "linear_head_dim", "ngroups", "chunk_size", "d_state"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:  # d_state None: the block's default
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_state is not None and self.d_state <= 0:
-            raise ValueError(f"d_state must be positive, got {self.d_state}")
         self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
         for i, n in self.layer_d_state.items():
             if not (0 <= i < self.n_layers and self.pattern[i] == "M" and n > 0):
@@ -433,72 +396,188 @@ class LM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mimetic initialization (§3)
+# Mimetic initialization (§3), of our blocks and of the Mamba layers of transformers and mamba_ssm
 
-def _projection_rows(layer):
-    """(weight, W_Δ rows, W_B rows, W_C rows per group) of the layer's projections, as slices."""
-    if isinstance(layer, Mamba1):
-        R, N = layer.dt_rank, layer.d_state
-        return layer.x_proj.weight, layer.dt_proj.weight, [slice(R, R + N)], [slice(R + N, R + 2 * N)]
-    D, G, N = layer.d_inner, layer.ngroups, layer.d_state
-    Bs = [slice(2 * D + g * N, 2 * D + (g + 1) * N) for g in range(G)]
-    Cs = [slice(2 * D + (G + g) * N, 2 * D + (G + g + 1) * N) for g in range(G)]
-    return layer.in_proj.weight, layer.in_proj.weight[-layer.nheads:], Bs, Cs
+@dataclass
+class Layout:
+    """Where a Mamba layer keeps what mimetic init sets: W_B and W_C are rows of `proj` (one slice per group),
+    W_Δ is `dt_weight` (a matrix, or rows of in_proj) with bias `dt_bias` (plus `dt_in_bias`, the dt rows of
+    in_proj's bias, if it has one), and Δ is clamped to `dt_limit`. Every layer has A_log and conv1d."""
+    version: int  # 1: A is (D, N) and conv defaults off; 2: A is (H,) and conv defaults on (§3, Fig. 3)
+    proj: nn.Linear
+    B: list
+    C: list
+    dt_weight: torch.Tensor
+    dt_bias: torch.Tensor
+    dt_in_bias: torch.Tensor | None = None
+    dt_limit: tuple = (0.0, math.inf)
+
+
+def _mamba1_layout(layer, N, R):
+    """Mamba 1: x_proj rows are [dt (R), B (N), C (N)]; W_Δ = dt_proj.weight, b_Δ = dt_proj.bias."""
+    return Layout(1, layer.x_proj, [slice(R, R + N)], [slice(R + N, R + 2 * N)], layer.dt_proj.weight,
+                  layer.dt_proj.bias)
+
+
+def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
+    """Mamba 2: in_proj rows end with [B (G·N), C (G·N), dt (H)] (before them: z and x, and first mamba_ssm's
+    MLP rows z0, x0 when d_ssm < d_inner); W_Δ = the dt rows, b_Δ = dt_bias."""
+    W, first = layer.in_proj, layer.in_proj.out_features - 2 * G * N - H
+    groups = lambda start: [slice(start + g * N, start + (g + 1) * N) for g in range(G)]
+    return Layout(2, W, groups(first), groups(first + G * N), W.weight[-H:], layer.dt_bias,
+                  None if W.bias is None else W.bias[-H:], tuple(dt_limit))
+
+
+LAYOUTS = {  # class name → layout: one entry per kind of Mamba layer (ours, mamba_ssm's, transformers')
+    "Mamba1": lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),  # mimetic.py
+    "Mamba": lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),  # mamba_ssm.Mamba
+    "MambaMixer": lambda m: _mamba1_layout(m, m.ssm_state_size, m.time_step_rank),  # transformers
+    "Mamba2": lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads, getattr(m, "dt_limit", (0.0, math.inf))),
+    "Mamba2Mixer": lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads, m.time_step_limit),
+}
+
+
+def layout_of(layer):
+    """The Layout of a Mamba layer (by its class, or the class a parametrization derived from), else None."""
+    kind = next((k.__name__ for k in type(layer).__mro__ if k.__name__ in LAYOUTS), None)
+    return LAYOUTS[kind](layer) if kind else None
+
+
+def mamba_layers(module):
+    """{index: Mamba layer} of a module: a layer itself is {0: it}; a model's layers are indexed as its list of
+    blocks is (ours: model.layers; transformers', mamba_ssm's: model.backbone.layers), attention blocks
+    included, so the paper's "layer 4 of 8" is 3; without such a list, the Mamba layers in module order."""
+    if layout_of(module):
+        return {0: module}
+    for blocks in module.modules():
+        if isinstance(blocks, nn.ModuleList) and any(hasattr(block, "mixer") for block in blocks):
+            return {i: b.mixer for i, b in enumerate(blocks) if layout_of(getattr(b, "mixer", None))}
+    return dict(enumerate(m for m in module.modules() if layout_of(m)))
+
+
+class MimeticA(nn.Module):
+    """A_log = −c · raw as a torch.nn.utils.parametrize parametrization, for layers whose source we do not
+    edit: their own forward then computes A = −exp(A_log) = −exp(−c · raw), raw the trained parameter."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("c", torch.tensor(float(c)))
+
+    def forward(self, raw):
+        return -self.c * raw
 
 
 @torch.no_grad()
 def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=None):
-    """Apply the paper's mimetic initialization (§3) in place to a Mamba1/Mamba2 block or to the Mamba
-    blocks of an LM (`layers`: their indices in model.layers, 0-based; the paper's "layer 4 of 8" is [3]).
+    """Apply the paper's mimetic initialization (§3) in place to the Mamba layers of `module`: our Mamba1,
+    Mamba2 or LM; transformers' MambaMixer, Mamba2Mixer or a model of them (MambaForCausalLM, ...);
+    mamba_ssm's Mamba, Mamba2 or MambaLMHeadModel. `layers`: indices into the model's blocks (mamba_layers).
 
-    | component     | parameters touched                          | values                               | §    |
-    |---------------|---------------------------------------------|--------------------------------------|------|
-    | A ≈ 0, Ā ≈ 1  | mimetic_c (new buffer), A_log kept           | A = −exp(−c · A_log)                 | 3.1  |
-    | Δ ≈ 1         | W_Δ: dt_proj.weight (M1), dt rows of         | W_Δ = 0, b_Δ = softplus⁻¹(1) ≈ 0.5413 | 3.1  |
-    |               | in_proj (M2); b_Δ: dt_proj.bias / dt_bias   |                                      |      |
-    | W_Cᵀ W_B ≈ I  | W_B, W_C rows of x_proj (M1) / in_proj (M2) | W_C ← ½ (W_C + W_B), per group       | 3.2  |
-    | conv ≈ I      | conv1d.weight, conv1d.bias                  | 1 on the current-token (last) tap,    | 3 Fig 3 |
-    |               |                                             | 0 elsewhere; bias 0                  |      |
+      A ≈ 0, Ā ≈ 1   A = −exp(−c · A_log): ours keep c in mimetic_c; others get a parametrization (§3.1)
+      Δ ≈ 1          W_Δ = 0 (dt_proj.weight; Mamba 2: the dt rows of in_proj and of its bias) and
+                     b_Δ = softplus⁻¹(1) ≈ 0.5413 (§3.1)
+      W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
+      conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
 
-    W_C is still its default init when this runs, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B, whose mean is
-    ½ E[W_Bᵀ W_B] = N / (6 · fan_in) · I for the default U(±1/√fan_in) init (fan_in = d_inner for Mamba 1,
-    d_model for Mamba 2): a scaled identity, of rank N. Mamba 1's A_log = log 1 = 0 keeps A = −1 for
-    its first state dimension whatever c is, so "Ā ≈ 1" holds for n ≥ 2 there. conv=None means on
-    for Mamba 2 and off for Mamba 1, the paper's recommendation (§3, Fig. 3).
+    W_C is still its default init here, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B, whose mean is ½ E[W_Bᵀ W_B] =
+    N / (6 · fan_in) · I for the default U(±1/√fan_in) init (fan_in = d_inner for Mamba 1, d_model for
+    Mamba 2): a scaled identity, of rank N. conv=None: on for Mamba 2, off for Mamba 1 (§3, Fig. 3). Where
+    A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state dimension of every Mamba 1 channel
+    (D of its D·N entries) and head 0 of transformers' Mamba 2 (A_log = log(1..H)); not mamba_ssm's Mamba 2.
+
+    The parametrization that keeps A = −exp(−c · raw) through training in transformers' and mamba_ssm's
+    layers, without editing their source, stores A_log as `...parametrizations.A_log.original` (raw, which
+    the optimizer trains; its _no_weight_decay mark is kept) and c as `...parametrizations.A_log.0.c`: the
+    state dict loads into a model given the same mimetic_init_; an unmodified model (or from_pretrained,
+    which re-draws the missing A_log with a mere warning) needs bake_mimetic_A_ first. The library's own
+    weight init, run again, writes into the computed A_log, not into raw: it has no effect.
     """
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
-    if isinstance(module, SelectiveSSM):
-        if layers is not None:
-            raise ValueError("layers= selects blocks of an LM; pass the LM, not a single block")
-        targets = [module]
-    elif isinstance(module, LM):
-        mamba = [i for i, block in enumerate(module.layers) if isinstance(block.mixer, SelectiveSSM)]
-        chosen = mamba if layers is None else list(layers)
-        if bad := [i for i in chosen if i not in mamba]:
-            raise ValueError(f"layers {bad} are not Mamba layers of this model; its Mamba layers are {mamba}")
-        targets = [module.layers[i].mixer for i in chosen]
-    else:
-        raise TypeError(f"mimetic_init_ takes a Mamba1, Mamba2 or LM, got {type(module).__name__}")
-    for layer in targets:
-        weight, W_dt, Bs, Cs = _projection_rows(layer)
-        identity_conv = isinstance(layer, Mamba2) if conv is None else conv
-        if A:
+    found = mamba_layers(module)
+    if not found:
+        raise TypeError(f"no Mamba layer in {type(module).__name__}: mimetic_init_ looks for {', '.join(LAYOUTS)} "
+                        "(mimetic.py, transformers, mamba_ssm) and models made of them")
+    chosen = sorted(found) if layers is None else list(layers)
+    if bad := [i for i in chosen if i not in found]:
+        raise ValueError(f"layers {bad} are not Mamba layers of this model; its Mamba layers are {sorted(found)}")
+    for layer in (found[i] for i in chosen):
+        where = layout_of(layer)
+        if A and isinstance(layer, SelectiveSSM):
             layer.mimetic_c = torch.tensor(float(c), device=layer.A_log.device)
+        elif A and parametrize.is_parametrized(layer, "A_log"):
+            layer.parametrizations.A_log[0].c.fill_(c)
+        elif A:
+            decay = getattr(layer.A_log, "_no_weight_decay", False)
+            parametrize.register_parametrization(layer, "A_log", MimeticA(c).to(layer.A_log.device), unsafe=True)
+            layer.parametrizations.A_log.original._no_weight_decay = decay
+        if dt and not where.dt_limit[0] <= 1 <= where.dt_limit[1]:
+            raise ValueError(f"{type(layer).__name__} clamps Δ to {where.dt_limit}: Δ = 1 is impossible; pass "
+                             "dt=False or widen its dt_limit / time_step_limit")
         if dt:
-            W_dt.zero_()
-            if isinstance(layer, Mamba2) and layer.in_proj.bias is not None:  # in_proj(bias=True): its dt part too
-                layer.in_proj.bias[-layer.nheads:] = 0
-            (layer.dt_proj.bias if isinstance(layer, Mamba1) else layer.dt_bias).fill_(SOFTPLUS_INV_1)
-        if bc:
-            for rows_B, rows_C in zip(Bs, Cs):
-                weight[rows_C] = 0.5 * (weight[rows_C] + weight[rows_B])
-        if identity_conv:
+            where.dt_weight.zero_()
+            where.dt_bias.fill_(SOFTPLUS_INV_1)
+            if where.dt_in_bias is not None:
+                where.dt_in_bias.zero_()
+        for rows_B, rows_C in zip(where.B, where.C) if bc else ():
+            for t in (where.proj.weight, where.proj.bias):
+                if t is not None:
+                    t[rows_C] = 0.5 * (t[rows_C] + t[rows_B])
+        if where.version == 2 if conv is None else conv:
             layer.conv1d.weight.zero_()
             layer.conv1d.weight[:, 0, -1] = 1.0
             if layer.conv1d.bias is not None:
                 layer.conv1d.bias.zero_()
     return module
+
+
+@torch.no_grad()
+def bake_mimetic_A_(module):
+    """Write every mimetic A of `module` into a plain A_log = −c · A_log (the same A), dropping mimetic_c or the
+    parametrization: the state dict then loads into an unmodified model, e.g. for save_pretrained. Training
+    afterwards continues in the default parameterization A = −exp(A_log)."""
+    for layer in mamba_layers(module).values():
+        if isinstance(layer, SelectiveSSM) and layer.mimetic_c is not None:
+            layer.A_log.copy_(-layer.mimetic_c * layer.A_log)
+            layer.mimetic_c = None
+        elif parametrize.is_parametrized(layer, "A_log"):
+            decay = getattr(layer.parametrizations.A_log.original, "_no_weight_decay", False)
+            parametrize.remove_parametrizations(layer, "A_log", leave_parametrized=True)
+            layer.A_log._no_weight_decay = decay
+    return module
+
+
+def ssm_inputs(layer, hidden_states):
+    """What the SSM of any Mamba layer (ours, transformers', mamba_ssm's) reads from hidden_states (b, L,
+    d_model): x after the conv and SiLU, dt before its bias, B, C, and the gate z (Eq. 9).
+    Mamba 1: x, dt, z (b, D, L) and B, C (b, N, L), time last as the scan wants them.
+    Mamba 2: x (b, L, H, P), dt (b, L, H), B, C (b, L, G, N) and z (b, L, D)."""
+    where, W, conv = layout_of(layer), layer.in_proj, layer.conv1d
+    _check_input(hidden_states, W.in_features)
+    if where.version == 1:
+        x, z = W(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
+        x = F.silu(causal_conv1d(x, conv.weight, conv.bias))
+        R, N = where.B[0].start, where.B[0].stop - where.B[0].start  # x_proj rows: [dt (R), B (N), C (N)]
+        dt, B, C = layer.x_proj(x).split([R, N, N], dim=-1)
+        dt = dt @ layer.dt_proj.weight.T  # (b, L, D); the bias is added in the scan
+        return tuple(t.transpose(1, 2) for t in (x, dt, B, C, z))  # (b, D or N, L)
+    G, N, H = len(where.B), where.B[0].stop - where.B[0].start, where.dt_weight.shape[0]
+    D = conv.in_channels - 2 * G * N  # mamba_ssm's d_ssm: in_proj rows are [z0, x0, z, x, B, C, dt]
+    _, z, xBC, dt = W(hidden_states).split([W.out_features - 2 * D - 2 * G * N - H, D, D + 2 * G * N, H], dim=-1)
+    x, B, C = F.silu(causal_conv1d(xBC, conv.weight, conv.bias)).split([D, G * N, G * N], dim=-1)
+    return x.unflatten(-1, (H, D // H)), dt, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), z
+
+
+def ssm_params(layer, hidden_states):
+    """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer: everything Eq. 8 needs, per channel
+    (Mamba 2: per head, A the same for all N, §2), Δ clamped as the layer clamps it."""
+    where, (_, dt, B, C, _) = layout_of(layer), ssm_inputs(layer, hidden_states)
+    A = layer.A if isinstance(layer, SelectiveSSM) else -torch.exp(layer.A_log.float())
+    if where.version == 1:
+        delta = F.softplus(dt + where.dt_bias[:, None])
+        return delta.clamp(*where.dt_limit), A, B[:, None], C[:, None]
+    delta = F.softplus(dt + where.dt_bias).transpose(1, 2).clamp(*where.dt_limit)  # (b, H, L)
+    return delta, A[:, None].expand(-1, B.shape[-1]), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -538,11 +617,12 @@ def ssm_matrix(delta, A, B, C):
 
 
 def attention_matrix(layer, hidden_states):
-    """M of a mixing layer on hidden_states (b, L, d_model): (b, D, L, L) per channel for Mamba 1,
-    (b, H, L, L) per head for Mamba 2, Attention and LinearAttention. For Mamba, M times the SSM input
-    (after conv and SiLU) is the SSM output before the D skip and the z gate."""
-    if isinstance(layer, SelectiveSSM):
-        return ssm_matrix(*layer.ssm_params(hidden_states))
+    """M of a mixing layer on the hidden_states it reads (b, L, d_model): (b, D, L, L) per channel for Mamba 1,
+    (b, H, L, L) per head for Mamba 2, Attention and LinearAttention; Mamba layers of transformers and
+    mamba_ssm too (Fig. 11). For Mamba, M times the SSM input (after conv and SiLU) is the SSM output
+    before the D skip and the z gate."""
+    if layout_of(layer):
+        return ssm_matrix(*ssm_params(layer, hidden_states))
     if isinstance(layer, (Attention, LinearAttention)):
         return layer.attention_matrix(hidden_states)
     raise TypeError(f"no attention matrix for {type(layer).__name__}")
@@ -556,9 +636,9 @@ def attention_map(layer, hidden_states):
 def attention_mask(layer, hidden_states):
     """The average attention mask (§2): (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}, (b, L, L); its reach
     shows how far back the layer can look."""
-    if not isinstance(layer, SelectiveSSM):
+    if not layout_of(layer):
         raise TypeError(f"only Mamba layers have a mask ∏Ā, got {type(layer).__name__}")
-    delta, A, _, _ = layer.ssm_params(hidden_states)
+    delta, A, _, _ = ssm_params(layer, hidden_states)
     columns = A[:, :1] if shared_across_states(A) else A
     return sum(segsum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
 
@@ -574,7 +654,7 @@ def attention_mask(layer, hidden_states):
 # every call, so pass your own generator when training.
 
 # task: (default number of content tokens V, names of the special tokens V, V+1, ...)
-_TASK_VOCAB = {
+TASK_VOCAB = {
     "copy": (26, ("SEP", "STOP")),
     "stack": (26, ("SEP", "STOP")),
     "mqar": (8192, ()),  # as in zoology: no separator, the key range tells keys from values
@@ -582,7 +662,7 @@ _TASK_VOCAB = {
     "selective_copy": (16, ("BLANK", "SEP")),
     "induction": (16, ("TRIGGER",)),
 }
-TASKS = tuple(_TASK_VOCAB)
+TASKS = tuple(TASK_VOCAB)
 COPY_TASKS = ("copy", "stack", "sort")  # a string, SEP, the string again (reordered), STOP
 SELECTIVE_COPY_TOKENS = 16  # tokens to memorize in selective copying (Mamba App. E.1)
 MQAR_POWER_A = 0.01  # zoology's power law a for where mqar queries fall (a = 1: uniform)
@@ -590,9 +670,9 @@ EVAL_SEED = 2**31 - 1  # evaluate()'s default batches, apart from make_batch's d
 
 
 def _content_vocab(task, vocab_size):
-    if task not in _TASK_VOCAB:
+    if task not in TASK_VOCAB:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    V = _TASK_VOCAB[task][0] if vocab_size is None else vocab_size
+    V = TASK_VOCAB[task][0] if vocab_size is None else vocab_size
     if V <= 0:
         raise ValueError(f"vocab_size must be positive, got {V}")
     return V
@@ -600,7 +680,7 @@ def _content_vocab(task, vocab_size):
 
 def task_vocab_size(task, vocab_size=None):
     """Embedding size an LM needs for `task`: its content tokens plus its special tokens."""
-    return _content_vocab(task, vocab_size) + len(_TASK_VOCAB[task][1])
+    return _content_vocab(task, vocab_size) + len(TASK_VOCAB[task][1])
 
 
 def _sample_distinct(b, population, k, g):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import mimetic
 from conftest import rel_err
 from mimetic import (LM, SELECTIVE_COPY_TOKENS, TASKS, Attention, LinearAttention, Mamba1, Mamba2, ModelConfig,
-                     evaluate, make_batch, mimetic_init_, task_vocab_size)
+                     bake_mimetic_A_, evaluate, make_batch, mimetic_init_, task_vocab_size)
 
 
 @pytest.fixture(params=["loop", "kernels"])
@@ -110,13 +110,18 @@ def test_reference_parameter_names_and_shapes():
     assert {k: tuple(v.shape) for k, v in m2.state_dict().items()} == {
         "dt_bias": (4,), "A_log": (4,), "D": (4,), "in_proj.weight": (2 * 64 + 2 * 2 * 16 + 4, 32),
         "conv1d.weight": (128, 1, 4), "conv1d.bias": (128,), "norm.weight": (64,), "out_proj.weight": (32, 64)}
-    for layer in (m1, m2):  # round trip, default and mimetic (which adds its c)
-        fresh = type(layer)(32, d_state=16, **({} if layer is m1 else {"headdim": 16, "ngroups": 2}))
-        fresh.load_state_dict(layer.state_dict())
+    for layer in (m1, m2):  # round trip, default and mimetic (which adds its c; baked, a plain A_log)
+        fresh = lambda: type(layer)(32, d_state=16, **({} if layer is m1 else {"headdim": 16, "ngroups": 2}))
+        fresh().load_state_dict(layer.state_dict())
         mimetic_init_(layer)
         assert "mimetic_c" in layer.state_dict()
-        fresh.load_state_dict(layer.state_dict())
-        assert torch.equal(fresh.A, layer.A) and fresh.mimetic_c.item() == 8.0
+        twin = mimetic_init_(fresh())
+        twin.load_state_dict(layer.state_dict())
+        assert torch.equal(twin.A, layer.A) and twin.mimetic_c.item() == 8.0
+        A = layer.A
+        plain = fresh()
+        plain.load_state_dict(bake_mimetic_A_(layer).state_dict())  # strict: no mimetic_c any more
+        assert plain.mimetic_c is None and torch.allclose(plain.A, A, rtol=1e-6, atol=0)
 
 
 def test_default_init_values():
@@ -242,7 +247,7 @@ def test_mimetic_dt_is_one_on_any_input(cls, bias):
     if bias:
         torch.nn.init.normal_(layer.in_proj.bias)  # a trained-looking bias must not leak into Δ
     mimetic_init_(layer, A=False, bc=False)
-    delta = layer.ssm_params(torch.randn(3, 10, 16) * 10)[0]
+    delta = mimetic.ssm_params(layer, torch.randn(3, 10, 16) * 10)[0]
     assert torch.allclose(delta, torch.ones_like(delta), atol=1e-6)
 
 
@@ -252,8 +257,10 @@ def test_mimetic_bc_correlates_W_C_with_W_B(cls):
     layer = cls(64, d_state=32, **({"headdim": 16, "ngroups": 2} if cls is Mamba2 else {}))
 
     def correlations():
-        weight, _, Bs, Cs = mimetic._projection_rows(layer)
-        return [F.cosine_similarity(weight[b].flatten(), weight[c].flatten(), dim=0).item() for b, c in zip(Bs, Cs)]
+        where = mimetic.LAYOUTS[cls.__name__](layer)
+        weight = where.proj.weight
+        return [F.cosine_similarity(weight[b].flatten(), weight[c].flatten(), dim=0).item()
+                for b, c in zip(where.B, where.C)]
     assert all(abs(r) < 0.1 for r in correlations())
     mimetic_init_(layer, A=False, dt=False, conv=False)
     assert all(abs(r - 1 / math.sqrt(2)) < 0.05 for r in correlations())  # W_C = ½(W_C′ + W_B): 1/√2
@@ -298,7 +305,7 @@ def test_eq12_mamba1_becomes_causal_linear_attention_as_c_grows():
         layer = Mamba1(16, d_state=8)
         layer.load_state_dict(base.state_dict())
         mimetic_init_(layer, c=c)
-        delta, A, B, C = layer.ssm_params(h)
+        delta, A, B, C = mimetic.ssm_params(layer, h)
         M = mimetic.ssm_matrix(delta, A[:, 1:], B[:, :, 1:], C[:, :, 1:])
         linear = (C[:, 0, 1:].transpose(1, 2) @ B[:, 0, 1:]).tril()  # (b, L, L): C_iᵀ B_j, Δ = 1
         errors.append(rel_err(M, linear[:, None].expand_as(M)))
@@ -312,12 +319,12 @@ def test_attention_matrix_times_x_is_the_scan(cls):
     layer = cls(16, d_state=8, **({"headdim": 8, "ngroups": 2} if cls is Mamba2 else {}))
     h = torch.randn(2, 23, 16)
     M = mimetic.attention_matrix(layer, h)
-    delta, A, B, C = layer.ssm_params(h)
+    delta, A, B, C = mimetic.ssm_params(layer, h)
     if cls is Mamba1:
-        x = layer.ssm_inputs(h)[0]  # (b, D, L)
+        x = mimetic.ssm_inputs(layer, h)[0]  # (b, D, L)
         assert rel_err(torch.einsum("bdij,bdj->bdi", M, x), mimetic.selective_scan_loop(x, delta, A, B, C)) < 1e-5
     else:
-        x = layer.ssm_inputs(h)[0]  # (b, L, H, P): every channel of a head shares its M
+        x = mimetic.ssm_inputs(layer, h)[0]  # (b, L, H, P): every channel of a head shares its M
         P = layer.headdim
         y = mimetic.selective_scan_loop(x.permute(0, 2, 3, 1).flatten(1, 2), delta.repeat_interleave(P, 1),
                                         A.repeat_interleave(P, 0), B, C)
@@ -607,6 +614,8 @@ def test_bad_configs_and_inputs_raise():
         ModelConfig(n_layers=3, pattern="MM")
     with pytest.raises(ValueError, match="d_model"):
         ModelConfig(d_model=0)
+    with pytest.raises(ValueError, match="d_state"):
+        ModelConfig(d_state=0)
     with pytest.raises(ValueError, match="headdim"):
         Mamba2(48, headdim=64)
     with pytest.raises(ValueError, match="ngroups"):

@@ -22,12 +22,13 @@ pipeline it names, Jelassi et al.'s transformers_ssm_copy, or from zoology for M
 (--scale cpu); `--preset NAME --dry-run` lists a grid with where each value comes from.
 """
 import argparse
-import dataclasses
+import copy
 import datetime
 import json
 import math
 import os
 import signal
+import string
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import figures
-from mimetic import COPY_TASKS, LM, TASKS, ModelConfig, evaluate, make_batch, mimetic_init_, task_vocab_size
+from mimetic import (COPY_TASKS, LM, TASK_VOCAB, TASKS, ModelConfig, evaluate, make_batch, mimetic_init_,
+                     task_vocab_size)
 
 PARTS = ("A", "dt", "bc", "conv")
 ARCHS = ("mamba1", "mamba2", "attention", "linear")
@@ -148,6 +150,20 @@ def presets(scale):
                                                ("mqar", mqar if paper else {**mqar, "vocab_size": 1024},
                                                 (16, 32, 64, 128) if paper else (8, 16, 32, 64)))
                   for n in lengths for init in ("default", "mimetic")}),
+        "pretrained": ("§6, Fig. 10: a pretrained 130M Mamba (24 layers, d_model 768, N 16) fine-tuned to copy and "
+                       "for MQAR, vs the same size trained from scratch with mimetic init; needs the model hub. "
+                       "MQAR: 8 pairs in 48 tokens of a-z, A-Z, 0-9 (ours; the paper: '50-character strings')",
+                       base, {f"{task}_{start}": {**flags, **start_flags}
+                              for task, flags in (("copy", {"vocab_size": 26}),
+                                                  ("mqar", {**mqar, "vocab_size": 62, "train_len": 8, "eval_lens": [8, 16],
+                                                            "mqar_tokens_per_pair": 6}))
+                              for start, start_flags in (("pretrained", {"pretrained": "state-spaces/mamba-130m-hf"}),
+                                                         ("scratch_mimetic", {**MAMBA1, "d_state": 16, "d_model": 768,
+                                                                              "n_layers": 24, "mimetic": True}))}),
+        "student": ("§6, Fig. 11: 'L=48, M=12': for each layer i of a pretrained 370M Mamba (48 layers), a student "
+                    "of 12 copies of it learns to copy; needs the model hub",
+                    {**base, "vocab_size": 26, "pretrained": "state-spaces/mamba-370m-hf", "n_layers": 12},
+                    {f"teacher_layer{i}": {"teacher_layer": i} for i in range(48)}),
         "mamba41": ("Mamba paper §4.1: selective copying and induction heads with its 2-layer Mamba 1 (d_model 64, "
                     "N 16, 16 tokens), default init" + ("" if paper else "; sequences of 64, not 256 and 4096"),
                     {**base, **MAMBA1, "n_layers": 2, "d_model": 64, "d_state": 16, "vocab_size": 16, "pack": 0},
@@ -208,6 +224,9 @@ OPTIONS = [
      "train_len] (default: 2 for copy, stack and sort, since one fixed length teaches copying by position, which "
      "fails at 2x; train_len for the other tasks)"),
     ("mqar_tokens_per_pair", 6, int, "mqar sequence length per key-value pair (zoology's configs: 16)"),
+    ("pretrained", None, str, "train (fine-tune) a transformers Mamba LM, a hub id or a folder, instead of ours "
+     "(§6, Fig. 10); the size flags then do not apply"),
+    ("teacher_layer", None, int, "with --pretrained: a student of --n-layers copies of this teacher layer (Fig. 11)"),
     ("pack", 0, int, "Jelassi et al.'s rows: examples BOS x SEP y STOP packed into this many tokens, lengths drawn "
      "per example (their --context_len 220); 0: one example per row (copy, stack, sort only)"),
     ("eval_lens", None, int_list, "comma-separated eval lengths (default: 1×, 2× and 4× the train length)"),
@@ -297,7 +316,13 @@ def resolve_config(config):
             make_batch(c["task"], 1, length, vocab_size=c["vocab_size"], seq_len=mqar_seq_len(c, length))
         except ValueError as e:
             raise ValueError(f"{c['task']} at length {length} with --vocab-size {c['vocab_size']}: {e}") from None
-    ModelConfig(**model_config_kwargs(c))  # the model's own checks (pattern, layer_d_state, ...)
+    if c["teacher_layer"] is not None and not c["pretrained"]:
+        raise ValueError("--teacher-layer picks a layer of the --pretrained model; name one")
+    if c["pretrained"] and c["vocab_size"] > len(CONTENT_CHARACTERS):
+        raise ValueError(f"--pretrained maps content tokens to the characters a-z, A-Z, 0-9: --vocab-size "
+                         f"{c['vocab_size']} > {len(CONTENT_CHARACTERS)}")
+    if not c["pretrained"]:
+        ModelConfig(**model_config_kwargs(c))  # the model's own checks (pattern, layer_d_state, ...)
     if c["device"] == "auto":
         c["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if c["device"] == "cuda" and not torch.cuda.is_available():
@@ -313,6 +338,9 @@ def mqar_seq_len(c, length):
 
 def run_name(c):
     arch = f"{c['arch']}-{c['pattern']}" if c["arch"] in ("mamba1", "mamba2") and c["pattern"] else c["arch"]
+    if c["pretrained"]:
+        arch = f"pretrained-{Path(c['pretrained']).name}" + (f"-student{c['n_layers']}xl{c['teacher_layer']}"
+                                                             if c["teacher_layer"] is not None else "")
     init = "default"
     if c["mimetic"]:
         init = "mimetic" + (f"-{'+'.join(c['mimetic_parts'])}" if c["mimetic_parts"] else "")
@@ -332,15 +360,64 @@ def model_config_kwargs(c):
 
 
 def build_model(c):
-    """LM for the config, mimetic-initialized as asked (conv follows the paper's per-arch choice unless
-    --mimetic-parts names it)."""
-    model = LM(ModelConfig(**model_config_kwargs(c)))
+    """LM for the config (or --pretrained's model), mimetic-initialized as asked (conv follows the paper's
+    per-arch choice unless --mimetic-parts names it)."""
+    model = Pretrained(c) if c["pretrained"] else LM(ModelConfig(**model_config_kwargs(c)))
     if c["mimetic"]:
         parts = dict(A=True, dt=True, bc=True, conv=None)
         if c["mimetic_parts"]:
             parts = {p: p in c["mimetic_parts"] for p in PARTS}
         mimetic_init_(model, c=c["c"], layers=c["mimetic_layers"], **parts)
     return model
+
+
+SPECIAL_CHARACTERS = {"SEP": "|", "STOP": ".", "BOS": "$", "BLANK": "_", "TRIGGER": "#"}  # the pipeline's |, ., $
+CONTENT_CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits  # a-z first, as the pipeline
+
+
+class Pretrained(nn.Module):
+    """A transformers Mamba LM from --pretrained (a hub id or a saved folder) on a task's tokens (§6, Fig. 10):
+    content token i is the model's token for the i-th of a-z, A-Z, 0-9 and SEP, STOP, BOS are '|', '.', '$',
+    Jelassi et al.'s characters (without a tokenizer: the model's ids 0, 1, ...); the logits are those of the
+    task's tokens. With --teacher-layer i, the model is a student of --n-layers copies of the teacher's layer
+    i (mixer and norm), with the teacher's embedding and final norm (§6, Fig. 11)."""
+
+    def __init__(self, c):
+        super().__init__()
+        import transformers
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(c["pretrained"])
+        if c["teacher_layer"] is not None:
+            teacher = self.model.backbone.layers
+            if not 0 <= c["teacher_layer"] < len(teacher):
+                raise ValueError(f"--teacher-layer {c['teacher_layer']}: the teacher has {len(teacher)} layers")
+            self.model.backbone.layers = nn.ModuleList(copy.deepcopy(teacher[c["teacher_layer"]])
+                                                       for _ in range(c["n_layers"]))
+            for i, block in enumerate(self.model.backbone.layers):
+                block.layer_idx = block.mixer.layer_idx = i
+            self.model.config.num_hidden_layers = c["n_layers"]
+        names = [*CONTENT_CHARACTERS[:c["vocab_size"]], *(SPECIAL_CHARACTERS[n] for n in task_specials(c))]
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(c["pretrained"])
+            ids = [tokenizer.convert_tokens_to_ids(name) for name in names]
+        except (OSError, ValueError):  # no tokenizer saved with the model
+            ids = list(range(len(names)))
+        self.register_buffer("ids", torch.tensor(ids))
+
+    @property
+    def layers(self):  # blocks with .norm and .mixer, as LM's
+        return self.model.backbone.layers
+
+    def mixer_inputs(self, input_ids):
+        hidden = self.model(self.ids[input_ids], output_hidden_states=True).hidden_states  # each block's input
+        return [block.norm(h) for block, h in zip(self.layers, hidden)]
+
+    def forward(self, input_ids):
+        return self.model(self.ids[input_ids]).logits[..., self.ids]
+
+
+def task_specials(c):
+    """The names of the task's special tokens, in id order (and BOS last, with --pack)."""
+    return [*TASK_VOCAB[c["task"]][1], *(["BOS"] if c["pack"] else [])]
 
 
 class WithBOS(nn.Module):
@@ -583,7 +660,7 @@ class Run:
         save_checkpoint(self.out, dict(
             model=self.model.state_dict(), optimizer=self.opt.state_dict(), schedule=self.schedule.state_dict(),
             batches=self.batches.get_state(), rng=torch.get_rng_state(), run={**self.progress, "wall_time": self.elapsed()},
-            config=self.c, model_config=dataclasses.asdict(self.model.config)))
+            config=self.c))
 
     def plot_attention(self, when, name):
         panels = figures.attention_panels(self.model, example_inputs(self.c).to(self.device))
@@ -718,8 +795,8 @@ def dry_run(runs):
     sizes = {}
     for folder, c in runs:
         key = json.dumps(model_config_kwargs(c), sort_keys=True)
-        if key not in sizes:
-            sizes[key] = sum(p.numel() for p in build_model(c).parameters())
+        if key not in sizes:  # a --pretrained model is not downloaded for this
+            sizes[key] = None if c["pretrained"] else sum(p.numel() for p in build_model(c).parameters())
         print(json.dumps({"run": str(folder), "params": sizes[key], **c}))
     print(f"{len(runs)} runs", file=sys.stderr)
 
@@ -791,13 +868,14 @@ def eval_command(argv):
     saved = load_checkpoint(folder)
     if saved is None:
         fail(f"no readable checkpoint.pt in {folder}: train the run first (or resume it)")
-    c, model = saved["config"], LM(ModelConfig(**saved["model_config"]))
+    c = saved["config"]
+    model = build_model(c)  # mimetic init included: a mimetic state dict loads into a mimetic model
     model.load_state_dict(saved["model"])
     task = args.task or c["task"]
-    need = task_vocab_size(task, c["vocab_size"]) + (1 if c["pack"] else 0)
-    if need != model.config.vocab_size:
-        fail(f"{folder} was trained on {c['task']} with {model.config.vocab_size} tokens; {task} with its "
-             f"--vocab-size {c['vocab_size']} needs {need}: evaluate a task with the same tokens")
+    have, need = (task_vocab_size(t, c["vocab_size"]) for t in (c["task"], task))
+    if need != have:
+        fail(f"{folder} was trained on {c['task']} with {have} tokens; {task} with its --vocab-size "
+             f"{c['vocab_size']} needs {need}: evaluate a task with the same tokens")
     device = torch.device(args.device)
     model.to(device)
     try:

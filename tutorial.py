@@ -103,7 +103,7 @@ print("M[:4, :4] =\n", M[:4, :4])
 #
 # a *linear attention* score C_iᵀ B̄_j (queries C, keys B̄) weighted, per state dimension n, by the
 # *causal mask* ∏_k Ā_{d,n,k} ∈ (0, 1], which A and Δ learn. `mimetic.attention_matrix` builds M_d for every
-# channel of a real `Mamba1` layer; `ssm_params` hands back (Δ, A, B, C) and `ssm_inputs` the X the SSM reads
+# channel of a real `Mamba1` layer; `mimetic.ssm_params` hands back (Δ, A, B, C) and `mimetic.ssm_inputs` the X the SSM reads
 # (the output of the causal conv and SiLU of Eq. 9). Check: M_d X_d is the scan, and the scan, the D skip
 # and the SiLU(z) gate of Eq. 9 give the layer's output.
 
@@ -113,8 +113,8 @@ layer = Mamba1(d_model=16, d_state=8)  # D = expand·d_model = 32 channels, N = 
 hidden = torch.randn(2, 12, 16)  # (batch, T, d_model)
 
 with torch.no_grad():
-    X, dt, B, C, z = layer.ssm_inputs(hidden)  # X: (b, D, T), the input of the SSM
-    delta, A, B4, C4 = layer.ssm_params(hidden)  # Δ (b, D, T), A (D, N), B, C (b, 1, N, T)
+    X, dt, B, C, z = mimetic.ssm_inputs(layer, hidden)  # X: (b, D, T), the input of the SSM
+    delta, A, B4, C4 = mimetic.ssm_params(layer, hidden)  # Δ (b, D, T), A (D, N), B, C (b, 1, N, T)
     M = attention_matrix(layer, hidden)  # (b, D, T, T): one M_d per channel
     y_scan = selective_scan_loop(X, delta, A, B4, C4)  # the recurrence, one step at a time
     y_attn = (M @ X[..., None]).squeeze(-1)  # Y_d = M_d X_d
@@ -164,7 +164,7 @@ assert (mask_far.diff() < 0).all(), "larger n decays faster"
 # %%
 def linear_attention_part(layer, hidden, dims):
     """(M restricted to state dims `dims`, CausalMask(Cᵀ B) on the same dims): both (b, D, T, T)."""
-    delta, A, B, C = layer.ssm_params(hidden)
+    delta, A, B, C = mimetic.ssm_params(layer, hidden)
     M = mimetic.ssm_matrix(delta, A[:, dims], B[:, :, dims], C[:, :, dims])
     la = torch.einsum("bni,bnj->bij", C[:, 0, dims], B[:, 0, dims]).tril()  # Xᵀ W_Cᵀ W_B X, causal
     return M, la[:, None].expand_as(M)
@@ -180,7 +180,7 @@ with torch.no_grad():
     print(f"default init      : rel. error of Eq. 12 on n ≥ 2 = {(M - la).abs().max() / la.abs().max():.3f}")
     for c in (2.0, 4.0, 8.0):
         layer = mimetic_init_(copy.deepcopy(base), c=c)
-        delta = layer.ssm_params(hidden)[0]
+        delta = mimetic.ssm_params(layer, hidden)[0]
         check(f"c = {c:g}: Δ == 1 (W_Δ = 0, b_Δ = softplus⁻¹(1))", delta, torch.ones_like(delta), 1e-6)
         M, la = linear_attention_part(layer, hidden, n_ge_2)
         errors[c] = ((M - la).abs().max() / la.abs().max()).item()
@@ -310,8 +310,8 @@ layer2 = Mamba2(d_model=32, d_state=16, headdim=16, chunk_size=8)  # D = 64, H =
 hidden = torch.randn(2, 24, 32)  # T = 24 = 3 chunks of 8
 
 with torch.no_grad():
-    X2, dt2, B2, C2, z2 = layer2.ssm_inputs(hidden)  # X2: (b, T, H, P); B2, C2: (b, T, G=1, N)
-    delta2, A2, _, _ = layer2.ssm_params(hidden)  # Δ (b, H, T); A (H, N), constant along N
+    X2, dt2, B2, C2, z2 = mimetic.ssm_inputs(layer2, hidden)  # X2: (b, T, H, P); B2, C2: (b, T, G=1, N)
+    delta2, A2, _, _ = mimetic.ssm_params(layer2, hidden)  # Δ (b, H, T); A (H, N), constant along N
     M2 = attention_matrix(layer2, hidden)  # (b, H, T, T)
     y_heads = torch.einsum("bhij,bjhp->bihp", M2, X2)  # each head attends with its own M_h
     mask2 = segsum(delta2 * layer2.A[:, None]).exp()  # (b, H, T, T): ∏ Ā
