@@ -263,7 +263,8 @@ def bench_scans(args):
             if cuda and selective_scan_fn is not None:
                 runs["mamba_ssm"] = lambda **kw: selective_scan_fn(**kw, delta_softplus=True)
             for backend in ("triton", "torch", "ref"):
-                if (backend != "triton" or cuda and kernels.triton is not None) and (backend != "ref" or L <= ref_max_len):
+                usable = backend != "triton" or cuda and kernels.triton is not None
+                if usable and (backend != "ref" or L <= ref_max_len):
                     runs[backend] = lambda backend=backend, **kw: kernels.selective_scan(**kw, delta_softplus=True,
                                                                                        backend=backend)
             _scan_rows(f"scan {(b, dim, N, L)} {str(dtype)[6:]}", runs, inputs,
@@ -288,10 +289,11 @@ def bench_scans(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0],
-                                     epilog=__doc__.partition("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    head, _, tail = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=head, epilog=tail,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("step", "mixer", "scans"), help="one section (default: all)")
-    parser.add_argument("--archs", default="mamba2,mamba1", help="step and mixer: comma-separated (default: %(default)s)")
+    parser.add_argument("--archs", default="mamba2,mamba1", help="step and mixer: comma-separated (%(default)s)")
     parser.add_argument("--against", help="step: also time this repository at a git revision (e.g. a commit)")
     parser.add_argument("--contenders", default="ours,loop,compile,rev,hf",
                         help="step: which to time, from ours, loop, compile, rev (needs --against), hf "

@@ -36,7 +36,8 @@ import sys, torch, mimetic
 assert mimetic.kernels is None and not mimetic.use_kernels and mimetic.__file__.startswith(sys.path[1])
 torch.manual_seed(0)
 for arch in ("mamba1", "mamba2"):
-    model = mimetic.mimetic_init_(mimetic.LM(mimetic.ModelConfig(vocab_size=8, d_model=16, n_layers=2, arch=arch, headdim=8, d_state=8)))
+    config = mimetic.ModelConfig(vocab_size=8, d_model=16, n_layers=2, arch=arch, headdim=8, d_state=8)
+    model = mimetic.mimetic_init_(mimetic.LM(config))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randint(0, 8, (8, 12))
     losses = []

@@ -89,7 +89,8 @@ def test_mamba2_scan_equals_mamba1_scan_with_per_head_A(scan_path):
     torch.manual_seed(0)
     b, L, H, P, G, N = 2, 21, 4, 3, 2, 5
     x, dt = torch.randn(b, L, H, P), torch.randn(b, L, H)
-    A, B, C, D, bias = -torch.rand(H) - 0.1, torch.randn(b, L, G, N), torch.randn(b, L, G, N), torch.randn(H), torch.randn(H)
+    A, D, bias = -torch.rand(H) - 0.1, torch.randn(H), torch.randn(H)
+    B, C = torch.randn(b, L, G, N), torch.randn(b, L, G, N)
     y = mimetic.ssd_scan(x, dt, A, B, C, D, bias, chunk_size=8)
     delta = F.softplus(dt + bias).transpose(1, 2).repeat_interleave(P, 1)  # (b, H·P, L)
     y1 = mimetic.selective_scan_loop(x.permute(0, 2, 3, 1).reshape(b, H * P, L), delta,
@@ -288,7 +289,8 @@ def test_mimetic_layers_touches_only_those_blocks():
     model = LM(ModelConfig(vocab_size=20, d_model=16, n_layers=4, pattern="MMAM"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mimetic_init_(model, layers=[1])
-    changed = {k.split(".")[1] for k, v in model.state_dict().items() if k not in before or not torch.equal(v, before[k])}
+    changed = {k.split(".")[1] for k, v in model.state_dict().items()
+               if k not in before or not torch.equal(v, before[k])}
     assert changed == {"1"}
     assert model.layers[0].mixer.mimetic_c is None and model.layers[1].mixer.mimetic_c.item() == 8.0
     with pytest.raises(ValueError, match=r"layers \[2\]"):

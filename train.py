@@ -155,8 +155,8 @@ def presets(scale):
                        "MQAR: 8 pairs in 48 tokens of a-z, A-Z, 0-9 (ours; the paper: '50-character strings')",
                        base, {f"{task}_{start}": {**flags, **start_flags}
                               for task, flags in (("copy", {"vocab_size": 26}),
-                                                  ("mqar", {**mqar, "vocab_size": 62, "train_len": 8, "eval_lens": [8, 16],
-                                                            "mqar_tokens_per_pair": 6}))
+                                                  ("mqar", {**mqar, "vocab_size": 62, "train_len": 8,
+                                                            "eval_lens": [8, 16], "mqar_tokens_per_pair": 6}))
                               for start, start_flags in (("pretrained", {"pretrained": "state-spaces/mamba-130m-hf"}),
                                                          ("scratch_mimetic", {**MAMBA1, "d_state": 16, "d_model": 768,
                                                                               "n_layers": 24, "mimetic": True}))}),
@@ -250,7 +250,8 @@ OPTIONS = [
     ("dtype", "fp32", str, "fp32 or bf16 (bf16 autocast, CUDA only)"),
     ("threads", None, int, "torch.set_num_threads (default: torch's choice; under torchrun: cores / processes)"),
     ("out", None, str, "run folder (default: runs/<task>_<arch>_<init>_s<seed>, or runs/<preset>_<scale> for sweeps)"),
-    ("preset", None, str, "the paper's setups (your flags override): " + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
+    ("preset", None, str, "the paper's setups (your flags override): "
+     + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
     ("scale", None, str, "size of the --preset setups: paper (for a GPU; the default) or cpu (the main job's size)"),
     ("configs", None, part_list, "only these configs of the --preset (comma-separated names)"),
     ("sweep", False, None, "run every config × lr × c × seed into subfolders of --out, skipping finished runs"),
@@ -267,8 +268,8 @@ GRID_KEYS = SWEEP_KEYS + ("out", "preset", "scale", "configs", "sweep", "dry_run
 def build_parser(with_defaults=True):
     """The CLI; without defaults it reports only the flags the user typed (so they can override presets)."""
     head, _, tail = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(description=head, epilog=tail, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=None if with_defaults else argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=head, epilog=tail, argument_default=None if with_defaults else
+                                     argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default, kind, help_text in OPTIONS:
         flag, help_text = "--" + name.replace("_", "-"), help_text.replace("%", "%%")  # argparse formats help
         extra = {"default": default} if with_defaults else {}
@@ -659,8 +660,8 @@ class Run:
     def checkpoint(self):
         save_checkpoint(self.out, dict(
             model=self.model.state_dict(), optimizer=self.opt.state_dict(), schedule=self.schedule.state_dict(),
-            batches=self.batches.get_state(), rng=torch.get_rng_state(), run={**self.progress, "wall_time": self.elapsed()},
-            config=self.c))
+            batches=self.batches.get_state(), rng=torch.get_rng_state(), config=self.c,
+            run={**self.progress, "wall_time": self.elapsed()}))
 
     def plot_attention(self, when, name):
         panels = figures.attention_panels(self.model, example_inputs(self.c).to(self.device))
@@ -724,7 +725,8 @@ def train(config):
 
 
 def metrics_header(eval_lens):
-    return ["step", "loss", "time", "wall_time", "tokens_per_s"] + [f"{m}@{n}" for m in figures.METRICS for n in eval_lens]
+    per_length = [f"{metric}@{n}" for metric in figures.METRICS for n in eval_lens]
+    return ["step", "loss", "time", "wall_time", "tokens_per_s"] + per_length
 
 
 def metrics_line(row, eval_lens):
@@ -868,7 +870,7 @@ def eval_command(argv):
     saved = load_checkpoint(folder)
     if saved is None:
         fail(f"no readable checkpoint.pt in {folder}: train the run first (or resume it)")
-    c = saved["config"]
+    c = resolve_config(dict(saved["config"], device=args.device))  # fills flags added since the run trained
     model = build_model(c)  # mimetic init included: a mimetic state dict loads into a mimetic model
     model.load_state_dict(saved["model"])
     task = args.task or c["task"]

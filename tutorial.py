@@ -103,9 +103,9 @@ print("M[:4, :4] =\n", M[:4, :4])
 #
 # a *linear attention* score C_iᵀ B̄_j (queries C, keys B̄) weighted, per state dimension n, by the
 # *causal mask* ∏_k Ā_{d,n,k} ∈ (0, 1], which A and Δ learn. `mimetic.attention_matrix` builds M_d for every
-# channel of a real `Mamba1` layer; `mimetic.ssm_params` hands back (Δ, A, B, C) and `mimetic.ssm_inputs` the X the SSM reads
-# (the output of the causal conv and SiLU of Eq. 9). Check: M_d X_d is the scan, and the scan, the D skip
-# and the SiLU(z) gate of Eq. 9 give the layer's output.
+# channel of a real `Mamba1` layer; `mimetic.ssm_params` hands back (Δ, A, B, C) and `mimetic.ssm_inputs`
+# the X the SSM reads (the output of the causal conv and SiLU of Eq. 9). Check: M_d X_d is the scan, and the
+# scan, the D skip and the SiLU(z) gate of Eq. 9 give the layer's output.
 
 # %%
 torch.manual_seed(0)
