@@ -42,40 +42,39 @@ def _installed(module):
 # ----------------------------------------------------------------------------------------------------
 # Training step: one worker process per contender
 
-def _hf_model(c):
-    """Hugging Face's Mamba (1 or 2) LM with our config's sizes, tied embeddings, on its torch path."""
+def _hf_model(m):
+    """Hugging Face's Mamba (1 or 2) LM with our model config's sizes, tied embeddings, on its torch path."""
     import transformers
     transformers.logging.set_verbosity_error()  # not its note, on every call, that mamba_ssm is missing
-    common = dict(vocab_size=c["vocab"], hidden_size=c["d_model"], num_hidden_layers=c["n_layers"],
-                  state_size=c["d_state"], expand=c["expand"], tie_word_embeddings=True)
-    if c["arch"] == "mamba2":
-        config = transformers.Mamba2Config(**common, head_dim=c["headdim"], n_groups=1, chunk_size=64,
-                                           num_heads=c["expand"] * c["d_model"] // c["headdim"])
+    common = dict(vocab_size=m["vocab_size"], hidden_size=m["d_model"], num_hidden_layers=m["n_layers"],
+                  state_size=m["d_state"], expand=m["expand"], tie_word_embeddings=True)
+    if m["arch"] == "mamba2":
+        config = transformers.Mamba2Config(**common, head_dim=m["headdim"], n_groups=1, chunk_size=64,
+                                           num_heads=m["expand"] * m["d_model"] // m["headdim"])
         return transformers.Mamba2ForCausalLM(config)
     return transformers.MambaForCausalLM(transformers.MambaConfig(**common))
 
 
 def _worker(spec):
-    """Time spec["contender"]'s training step; prints {"ms": mean ms per step over the batches}."""
+    """Time spec["contender"]'s training step on the batches in spec["batches"] (a file the parent wrote);
+    prints {"ms": mean ms per step}. The first three batches (all of them for torch.compile) warm up."""
     sys.path.insert(0, spec["code"])
+    import dataclasses
     import mimetic
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    c, device = spec["config"], torch.device(spec["device"])
+    m, device = spec["model"], torch.device(spec["device"])
     if spec["contender"] == "hf":
-        model = _hf_model(c).to(device)
+        model = _hf_model(m).to(device)
         forward = lambda inputs: model(inputs).logits
     else:
         mimetic.use_kernels = spec["contender"] != "loop"  # "rev": the revision's own mimetic.py, as it is
-        config = mimetic.ModelConfig(vocab_size=c["vocab"], d_model=c["d_model"], n_layers=c["n_layers"],
-                                     arch=c["arch"], d_state=c["d_state"], headdim=c["headdim"], expand=c["expand"])
-        model = mimetic.mimetic_init_(mimetic.LM(config)).to(device)
+        fields = {f.name for f in dataclasses.fields(mimetic.ModelConfig)}  # an older revision knows fewer
+        model = mimetic.LM(mimetic.ModelConfig(**{k: v for k, v in m.items() if k in fields and v is not None}))
+        model = (mimetic.mimetic_init_(model) if spec["mimetic"] else model).to(device)
         forward = torch.compile(model, dynamic=True) if spec["contender"] == "compile" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(c["min_len"], c["max_len"] + 1, (spec["steps"],), generator=g).tolist()
-    batches = [[t.to(device) for t in mimetic.make_batch(c["task"], c["batch"], n, vocab_size=c["content_vocab"],
-                                                          generator=g)] for n in lengths]
+    batches = [[t.to(device) for t in batch] for batch in torch.load(spec["batches"])]
 
     def step(inputs, targets):
         loss = F.cross_entropy(forward(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -95,20 +94,17 @@ def _worker(spec):
 
 
 def _step_config(args, arch):
-    """The step's model and batches, from train.py's config of the main job or of a preset."""
+    """(label, train.py's resolved config) of the main job, or of a preset's first config of that arch."""
     import train
     if args.preset:
         _, shared, grid = train.presets(args.scale)[args.preset]
-        name, flags = next(iter(grid.items()))
-        c = train.resolve_config({**shared, **flags, "arch": arch, "device": "cpu"})
-        label = f"preset {args.preset} ({args.scale}), config {name}"
-    else:
-        c = train.resolve_config({"arch": arch, "device": "cpu", **({"d_state": 32} if arch == "mamba1" else {})})
-        label = "the main job" + (" with Mamba 1, N = 32 (fig1's cpu config)" if arch == "mamba1" else "")
-    vocab = __import__("mimetic").task_vocab_size(c["task"], c["vocab_size"])
-    return label, dict(arch=arch, d_model=c["d_model"], n_layers=c["n_layers"], d_state=c["d_state"],
-                       headdim=c["headdim"], expand=c["expand"], vocab=vocab, content_vocab=c["vocab_size"],
-                       task=c["task"], batch=c["batch_size"], min_len=c["min_train_len"], max_len=c["train_len"])
+        configs = {name: train.resolve_config({**shared, **flags, "device": "cpu"}) for name, flags in grid.items()}
+        name, c = next(((n, c) for n, c in configs.items() if c["arch"] == arch), (None, None))
+        if c is None:
+            sys.exit(f"preset {args.preset} has no {arch} config")
+        return f"preset {args.preset} ({args.scale}), config {name}", c
+    c = train.resolve_config({"arch": arch, "device": "cpu", **({"d_state": 32} if arch == "mamba1" else {})})
+    return "the main job" + (" with Mamba 1, N = 32 (fig1's cpu config)" if arch == "mamba1" else ""), c
 
 
 def bench_step(args):
@@ -127,22 +123,27 @@ def bench_step(args):
         sys.exit(f"unknown --contenders {bad}; choose from {', '.join(names)}")
     missing = [] if _installed("transformers") or "hf" not in chosen else ["Hugging Face transformers"]
     chosen = [k for k in chosen if k != "hf" or not missing]
+    import train
     for arch in args.archs.split(","):
-        label, config = _step_config(args, arch)
+        label, c = _step_config(args, arch)
+        g = torch.Generator().manual_seed(0)
+        batches = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name  # the same batches for every contender
+        torch.save([train.training_batch(c, g) for _ in range(args.steps)], batches)
         times = {names[k]: [] for k in chosen}
         for _ in range(args.rounds):
             for k in chosen:
                 name = names[k]
-                spec = dict(code=revision_dir if k == "rev" else HERE, contender=k, config=config, steps=args.steps,
-                            threads=args.threads, device=args.device)
+                spec = dict(code=revision_dir if k == "rev" else HERE, contender=k, model=train.model_config_kwargs(c),
+                            mimetic=c["mimetic"], batches=batches, threads=args.threads, device=args.device)
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                       text=True, env={**os.environ, "PYTHONPATH": ""})
                 if done.returncode:
                     sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
                 times[name].append(json.loads(done.stdout.strip().splitlines()[-1])["ms"])
         ours = statistics.median(times["ours"])
-        print(f"\n## training step, {arch}: {label}; {config['batch']} × copy-style batches of lengths "
-              f"{config['min_len']}-{config['max_len']}, {args.steps} steps × {args.rounds} rounds")
+        rows = f"rows packed to {c['pack']} tokens" if c["pack"] else f"{c['task']} examples"
+        print(f"\n## training step, {arch}: {label}; batches of {c['batch_size']} {rows}, lengths "
+              f"{c['min_train_len']}-{c['train_len']}; {args.steps} steps × {args.rounds} rounds")
         print("| contender | ms / step | × ours |\n|---|---:|---:|")
         for name, values in times.items():
             print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / ours:.2f} |")
@@ -178,7 +179,7 @@ def bench_mixers(args):
           "median of 5, interleaved")
     print("| mixer | ours ms | Hugging Face ms | × ours |\n|---|---:|---:|---:|")
     for arch in args.archs.split(","):
-        c = dict(d_model=64, n_layers=1, d_state=128 if arch == "mamba2" else 32, headdim=32, expand=2, vocab=8,
+        c = dict(d_model=64, n_layers=1, d_state=128 if arch == "mamba2" else 32, headdim=32, expand=2, vocab_size=8,
                  arch=arch)
         torch.manual_seed(0)
         theirs = _hf_model(c).backbone.layers[0].mixer.to(device)
