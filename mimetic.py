@@ -139,6 +139,7 @@ def causal_conv1d(x, weight, bias):
         out = torch.addcmul(out, padded[:, k:k + L], taps[k])
     return out
 
+
 def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
     if not 0 < dt_min <= dt_max:
@@ -485,12 +486,10 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
     A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state dimension of every Mamba 1 channel
     (D of its D·N entries) and head 0 of transformers' Mamba 2 (A_log = log(1..H)); not mamba_ssm's Mamba 2.
 
-    The parametrization that keeps A = −exp(−c · raw) through training in transformers' and mamba_ssm's
-    layers, without editing their source, stores A_log as `...parametrizations.A_log.original` (raw, which
-    the optimizer trains; its _no_weight_decay mark is kept) and c as `...parametrizations.A_log.0.c`: the
-    state dict loads into a model given the same mimetic_init_; an unmodified model (or from_pretrained,
-    which re-draws the missing A_log with a mere warning) needs bake_mimetic_A_ first. The library's own
-    weight init, run again, writes into the computed A_log, not into raw: it has no effect.
+    In transformers' and mamba_ssm's layers A_log becomes a parametrization (MimeticA): the state dict holds
+    raw (which trains, _no_weight_decay kept) as `...parametrizations.A_log.original` and c as `...A_log.0.c`;
+    it loads into a model given the same mimetic_init_, into others after bake_mimetic_A_ (from_pretrained
+    would re-draw the missing A_log with a mere warning). Their own weight init, run again, misses raw.
     """
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
@@ -793,17 +792,13 @@ def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq
 
 def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,
              device=None, seq_len=None):
-    """Accuracy of argmax predictions on held-out batches: token_acc over labeled positions (for mqar,
-    zoology's per-query accuracy), exact_match (every labeled token right) and string_acc (Jelassi et
-    al.'s string accuracy: every token of the pasted string right, STOP not scored; = exact_match for the
-    tasks without STOP).
+    """Accuracy of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval
+    mode under no_grad: token_acc over labeled positions (mqar: zoology's per-query accuracy), exact_match
+    (every labeled token right) and string_acc (Jelassi et al.'s: the pasted string right, STOP not scored).
 
     Teacher-forced exact match equals greedy-decoding exact match: if every labeled token is right under
     teacher forcing, greedy decoding feeds itself the same prefix at every step and so reproduces it;
-    conversely, at the first wrong greedy token the prefix was still correct, so teacher forcing errs
-    there too. generator=None evaluates on fixed held-out batches (seed EVAL_SEED, not make_batch's
-    default); device defaults to that of the model's first parameter. Runs under no_grad in eval mode,
-    then restores the training mode."""
+    conversely, at the first wrong greedy token the prefix was still correct, so teacher forcing errs there."""
     if n_batches <= 0:
         raise ValueError(f"n_batches must be positive, got {n_batches}")
     g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator

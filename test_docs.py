@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import HERE
 
@@ -84,6 +85,20 @@ print('ok')
     out = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_readme_own_model_example_runs(monkeypatch, tmp_path):
+    """The README's transformers snippet, on a tiny random model instead of the hub's (no network here)."""
+    transformers = pytest.importorskip("transformers")
+    tiny = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=1000, hidden_size=16, num_hidden_layers=4,
+                                                                  state_size=8))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda name: tiny)
+    code = re.findall(r"```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)[1]
+    namespace = {}
+    exec(code.replace("/tmp/my-mamba", str(tmp_path / "my-mamba")), namespace)
+    assert (tmp_path / "my-mamba" / "config.json").exists()
+    loaded = transformers.MambaForCausalLM.from_pretrained(tmp_path / "my-mamba")  # an unmodified model
+    assert torch.allclose(loaded.backbone.layers[0].mixer.A_log, tiny.backbone.layers[0].mixer.A_log)
 
 
 @pytest.mark.long
