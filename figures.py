@@ -290,6 +290,21 @@ def plot_attention(panels, title, path):
     _save(fig, path, title)
 
 
+def plot_maps(maps, path, title="attention maps of one layer, after training"):
+    """maps: (label, attention map, mask or None) per run; the maps side by side, masks below when any."""
+    rows = 2 if any(mask is not None for _, _, mask in maps) else 1
+    fig, axes = plt.subplots(rows, len(maps), figsize=(2.8 * len(maps), 2.9 * rows), squeeze=False)
+    for i, (label, amap, mask) in enumerate(maps):
+        axes[0, i].imshow(amap, cmap="viridis")
+        axes[0, i].set_title(label, fontsize=8)
+        if rows == 2:
+            axes[1, i].imshow(mask if mask is not None else amap * 0, cmap="magma", vmin=0, vmax=1)
+            axes[1, i].set_title("mask ∏Ā" if mask is not None else "attention: no mask", fontsize=8)
+        for ax in axes[:, i]:
+            ax.set_xticks([]), ax.set_yticks([])
+    _save(fig, path, title)
+
+
 def _save(fig, path, title):
     fig.suptitle(title)
     fig.tight_layout()

@@ -57,7 +57,7 @@ def test_cli_smoke_writes_every_output_and_plot_overlays_runs(tmp_path, capsys):
     train.main([*args, "--mimetic", "--out", str(tmp_path / "mimetic")])  # the same command again
     assert "is finished" in capsys.readouterr().out and len(rows_of(tmp_path / "mimetic")) == 3
     for flags, name in (([], "curves.png"), (["--final", "--metric", "token_acc"], "bars.png"),
-                        (["--lengths", "--metric", "string_acc"], "lengths.png")):
+                        (["--lengths", "--metric", "string_acc"], "lengths.png"), (["--maps", "1"], "maps.png")):
         runs = [str(tmp_path / "default"), str(tmp_path / "mimetic")]
         train.main(["plot", *flags, *runs, "--out", str(tmp_path / name)])
         assert (tmp_path / name).stat().st_size > 0

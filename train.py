@@ -904,13 +904,30 @@ def plot_command(argv):
     parser.add_argument("--final", action="store_true", help="bars of the final values, not curves")
     parser.add_argument("--lengths", action="store_true", help="final accuracy vs evaluation length")
     parser.add_argument("--metric", default="exact_match", choices=tuple(figures.METRICS))
+    parser.add_argument("--maps", type=int, metavar="LAYER", help="instead: this layer's attention map in each run "
+                        "(run folders with checkpoint.pt), side by side, on one example of the train length")
     args = parser.parse_args(argv)
     plot = figures.plot_final if args.final else figures.plot_lengths if args.lengths else figures.plot_accuracy
     try:
-        plot([figures.load_run_group(r) for r in args.runs], args.out, metric=args.metric)
-    except (ValueError, OSError, KeyError) as e:
+        if args.maps is not None:
+            figures.plot_maps([(Path(r).parent.name if Path(r).name.startswith("seed") else Path(r).name,
+                                *layer_map(Path(r), args.maps)) for r in args.runs], args.out)
+        else:
+            plot([figures.load_run_group(r) for r in args.runs], args.out, metric=args.metric)
+    except (ValueError, OSError, KeyError, IndexError) as e:
         fail(e)
     print(f"wrote {args.out}")
+
+
+def layer_map(folder, layer):
+    """(attention map, mask or None) of one layer of a finished run, on its attention-map example."""
+    saved = load_checkpoint(folder)
+    if saved is None:
+        raise ValueError(f"no readable checkpoint.pt in {folder}")
+    c = resolve_config(dict(saved["config"], device="cpu"))
+    model = build_model(c)
+    model.load_state_dict(saved["model"])
+    return figures.attention_panels(model, example_inputs(c))[layer]
 
 
 def main(argv=None):
