@@ -4,6 +4,7 @@
     python bench.py --against 8c378fb          # also the training step of this repository at that commit
     python bench.py --only step --preset fig1 --scale paper   # the step of a train.py preset's first config
     python bench.py --only scans --device cuda # the scan table on a GPU, against mamba_ssm's CUDA kernels
+    python bench.py --only sweep               # a small sweep by one process, then by torchrun's two
 
 step:   one training step (forward, backward, AdamW) of a whole model on the batches training draws (by
         default the main job's: copy strings of 2-16 of 64 tokens, batch 32), for Mamba 2 and Mamba 1.
@@ -152,6 +153,31 @@ def bench_step(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# A sweep: one process, then torchrun's processes side by side (not part of the default run)
+
+def bench_sweep(args):
+    """Wall time of the same small sweep (the fig1 cpu preset, --sweep-steps steps, one seed) run by one process
+    and by torchrun with --nproc processes, one after the other, in fresh folders."""
+    sweep = ["--preset", "fig1", "--scale", "cpu", "--sweep", "--seeds", "0", "--steps", str(args.sweep_steps),
+             "--eval-every", str(args.sweep_steps)]
+    train_py, times = os.path.join(HERE, "train.py"), {}
+    for label, launcher in (("1 process, 1 thread", [sys.executable, train_py, "--threads", "1"]),
+                            (f"torchrun, {args.nproc} processes", ["torchrun", "--standalone", "--nproc_per_node",
+                                                                    str(args.nproc), train_py])):
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            done = subprocess.run([*launcher, *sweep, "--out", out], capture_output=True, text=True, cwd=HERE)
+            if done.returncode:
+                sys.exit(f"{label} failed:\n{done.stderr[-2000:]}")
+            times[label] = time.perf_counter() - start
+    print(f"\n## a sweep: fig1's 4 cpu configs × 1 seed × {args.sweep_steps} steps")
+    print("| launcher | wall s | × one process |\n|---|---:|---:|")
+    one = next(iter(times.values()))
+    for label, seconds in times.items():
+        print(f"| {label} | {seconds:.0f} | {seconds / one:.2f} |")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Mixers: ours vs Hugging Face's with the same weights, in this process
 
 def _time_ms(fn, device, repeats=5):
@@ -293,7 +319,10 @@ def main(argv=None):
     head, _, tail = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(description=head, epilog=tail,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("step", "mixer", "scans"), help="one section (default: all)")
+    parser.add_argument("--only", choices=("step", "mixer", "scans", "sweep"),
+                        help="one section (default: step, mixer and scans)")
+    parser.add_argument("--nproc", type=int, default=2, help="sweep: torchrun's processes (default: %(default)s)")
+    parser.add_argument("--sweep-steps", type=int, default=400, help="sweep: steps per run (default: %(default)s)")
     parser.add_argument("--archs", default="mamba2,mamba1", help="step and mixer: comma-separated (%(default)s)")
     parser.add_argument("--against", help="step: also time this repository at a git revision (e.g. a commit)")
     parser.add_argument("--contenders", default="ours,loop,compile,rev,hf",
@@ -312,8 +341,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"# bench.py on {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{time.strftime('%Y-%m-%d')}")
-    for name, section in (("step", bench_step), ("mixer", bench_mixers), ("scans", bench_scans)):
-        if args.only in (None, name):
+    sections = (("step", bench_step), ("mixer", bench_mixers), ("scans", bench_scans), ("sweep", bench_sweep))
+    for name, section in sections:
+        if args.only == name or args.only is None and name != "sweep":
             section(args)
 
 
