@@ -30,6 +30,18 @@ def rows_of(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def kill_when(args, out, appears):
+    """Start train.py with args and SIGKILL it (no handler runs) once out / appears exists, before it finishes."""
+    process = subprocess.Popen([sys.executable, TRAIN_PY, *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / appears).exists():
+        time.sleep(0.02)
+    process.kill()
+    process.wait(timeout=60)
+    assert not (out / "done").exists(), "the run finished before it could be killed"
+
+
 def check_run_folder(out, stdout, mimetic):
     for name in ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "accuracy.png",
                  "attention_init.png", "attention_final.png", "done"):
@@ -325,14 +337,7 @@ def test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_pa
     whole = run_cli(*args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, TRAIN_PY, *args, "--out", str(killed)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoint.pt").exists():
-        time.sleep(0.02)
-    process.kill()
-    process.communicate(timeout=60)
-    assert not (killed / "done").exists(), "the run finished before it could be killed"
+    kill_when([*args, "--out", str(killed)], killed, "checkpoint.pt")
     step = torch.load(killed / "checkpoint.pt", weights_only=False)["run"]["step"]
     resumed = run_cli(*args, "--out", str(killed))
     assert resumed.returncode == 0 and f"resuming {killed} from step {step}" in resumed.stdout, resumed.stdout[-2000:]
@@ -344,13 +349,7 @@ def test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_pa
 def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--steps", "300", "--eval-every", "10", "--checkpoint-every", "10", "--out", str(out)]
-    process = subprocess.Popen([sys.executable, TRAIN_PY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint_prev.pt").exists():
-        time.sleep(0.02)
-    process.kill()
-    process.communicate(timeout=60)
-    assert not (out / "done").exists(), "the run finished before it could be killed"
+    kill_when(args, out, "checkpoint_prev.pt")
     before = torch.load(out / "checkpoint_prev.pt", weights_only=False)["run"]["step"]
     with open(out / "checkpoint.pt", "r+b") as f:  # cut short, as by a crash or a full disk
         f.truncate(100)
@@ -379,13 +378,7 @@ def test_a_diverging_run_is_marked_failed_and_the_sweep_goes_on(tmp_path, capsys
 @pytest.mark.long
 def test_resuming_with_other_flags_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, TRAIN_PY, *TINY, "--steps", "1000", "--checkpoint-every", "5",
-                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint.pt").exists():
-        time.sleep(0.05)
-    process.kill()
-    process.communicate(timeout=60)
+    kill_when([*TINY, "--steps", "1000", "--checkpoint-every", "5", "--out", str(out)], out, "checkpoint.pt")
     with pytest.raises(SystemExit) as exit_info:
         train.main([*TINY, "--steps", "1000", "--lr", "1e-4", "--out", str(out)])
     assert exit_info.value.code == 2 and "--lr 0.003 there, 0.0001 here" in capsys.readouterr().err
