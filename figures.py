@@ -243,24 +243,30 @@ def plot_lengths(groups, path, title="", metric="exact_match"):
     _save(fig, path, title)
 
 
-def plot_state_size(out, rows, path, metric="exact_match"):
-    """Fig. 7b: max > 99% length (and AUC) vs state size N, one line per init (the config name after N)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def plot_state_size(out, rows, path, metrics=("exact_match", "token_acc")):
+    """Fig. 7: max > 99% length and AUC vs state size N (a row per metric), one line per init (the config name
+    after N); points are means over seeds, bars their std."""
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
     lines = {}
     for r in rows:
         config = load_runs(Path(out) / r["config"])[0]["config"]
         init = "mimetic" if config.get("mimetic") else "default"
-        lines.setdefault(init, []).append((config["d_state"], r[f"{metric}_max99"], r[f"{metric}_auc"]))
-    for init, points in lines.items():
-        points.sort()
-        for ax, k in zip(axes, (1, 2)):
-            ax.errorbar([p[0] for p in points], [p[k][0] for p in points], yerr=[p[k][1] for p in points], marker="o",
-                        capsize=2, label=init)
-    axes[0].set(xscale="log", xlabel="state size N", ylabel="max length with > 99% accuracy")
-    axes[1].set(xscale="log", xlabel="state size N", ylabel="AUC of accuracy vs length", ylim=(-0.02, 1.02))
-    for ax in axes:
-        ax.legend()
-    _save(fig, path, f"{Path(out).name}: {METRICS[metric]}")
+        lines.setdefault(init, []).append((config["d_state"], r))
+    for row, metric in zip(axes, metrics):
+        for init, points in lines.items():
+            points.sort(key=lambda p: p[0])
+            for ax, key in zip(row, ("max99", "auc")):
+                values = [p[1][f"{metric}_{key}"] for p in points]
+                ax.errorbar([p[0] for p in points], [v[0] for v in values], yerr=[v[1] for v in values], marker="o",
+                            capsize=2, label=init)
+        states = sorted({n for points in lines.values() for n, _ in points})
+        row[0].set(ylabel=f"max length with > 99%\n{METRICS[metric].split(' (')[0]}")
+        row[1].set(ylabel=f"AUC of {METRICS[metric].split(' (')[0]}\nvs length", ylim=(-0.02, 1.02))
+        for ax in row:
+            ax.set(xscale="log", xlabel="state size N", xticks=states, xticklabels=[str(n) for n in states])
+            ax.minorticks_off()
+            ax.legend()
+    _save(fig, path, Path(out).name)
 
 
 @torch.no_grad()
