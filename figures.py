@@ -138,7 +138,8 @@ def summarize(out, names):
 def write_summary(out, names, title=None):
     """summary.md (a table per metric) and summary.csv, plus the figures: summary.png (curves),
     summary_final.png (bars), summary_lengths.png (final accuracy vs length, with 3 or more eval lengths)
-    and summary_state_size.png (Fig. 7b, when the configs differ in state size)."""
+    and, for configs that differ in state size, vocabulary or training length, summary_state_size.png (Fig. 7b),
+    summary_vocab_size.png (Fig. 6) or summary_train_len.png (Fig. 9)."""
     out = Path(out)
     rows = summarize(out, names)
     if not rows:
@@ -174,9 +175,9 @@ def write_summary(out, names, title=None):
     plot_final(groups, out / "summary_final.png", f"{out.name}: mean ± std over seeds")
     if max(len(r["lens"]) for r in rows) >= 3:
         plot_lengths(groups, out / "summary_lengths.png", out.name)
-    states = {load_runs(out / r["config"])[0]["config"].get("d_state") for r in rows}
-    if len(states) > 1:
-        plot_state_size(out, rows, out / "summary_state_size.png")
+    configs = [load_runs(out / r["config"])[0]["config"] for r in rows]
+    for key in axes_to_plot(configs):
+        plot_against(rows, configs, key, out / AGAINST[key][1], out.name)
     return rows
 
 
@@ -243,30 +244,54 @@ def plot_lengths(groups, path, title="", metric="exact_match"):
     _save(fig, path, title)
 
 
-def plot_state_size(out, rows, path, metrics=("exact_match", "token_acc")):
-    """Fig. 7: max > 99% length and AUC vs state size N (a row per metric), one line per init (the config name
-    after N); points are means over seeds, bars their std."""
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
+AGAINST = {  # a config value the paper plots accuracy against: axis label, file, what each column shows
+    "d_state": ("state size N", "summary_state_size.png",  # Fig. 7b
+                (("max length with > 99%", lambda r, m: r[f"{m}_max99"]), ("AUC vs length", lambda r, m: r[f"{m}_auc"]))),
+    "vocab_size": ("vocabulary size", "summary_vocab_size.png", ()),  # Fig. 6
+    "train_len": ("training length", "summary_train_len.png", ()),  # Fig. 9
+}
+AT_1X_2X = (("at the train length", lambda r, m: r[f"{m}@{r['train_len']}"]),
+            ("at 2×", lambda r, m: r.get(f"{m}@{2 * r['train_len']}", (float("nan"),) * 2)))
+
+
+def line_of(config):
+    """The curve a config belongs to in plot_against: its task, arch and init."""
+    return config.get("task", ""), config.get("arch", ""), "mimetic" if config.get("mimetic") else "default"
+
+
+def axes_to_plot(configs):
+    """The AGAINST keys that vary within some curve (not merely between tasks, as vocab does in Fig. 4)."""
+    curves = {}
+    for config in configs:
+        curves.setdefault(line_of(config), []).append(config)
+    return [key for key in AGAINST if any(len({c.get(key) for c in group}) > 1 for group in curves.values())]
+
+
+def plot_against(rows, configs, key, path, title="", metrics=("exact_match", "token_acc")):
+    """Final accuracy (a row per metric) against config[key] on a log axis, one line per task, arch and init
+    (named by the parts that differ); points are means over seeds, bars their std. Fig. 7b: max > 99% length
+    and AUC vs N; Figs. 6 and 9: accuracy at the train length and at 2× vs vocabulary or training length."""
+    xlabel, _, columns = AGAINST[key]
+    columns = columns or AT_1X_2X
     lines = {}
-    for r in rows:
-        config = load_runs(Path(out) / r["config"])[0]["config"]
-        init = "mimetic" if config.get("mimetic") else "default"
-        lines.setdefault(init, []).append((config["d_state"], r))
+    for r, config in zip(rows, configs):
+        lines.setdefault(line_of(config), []).append((config[key], r))
+    varies = [i for i in range(3) if len({line[i] for line in lines}) > 1] or [2]
+    fig, axes = plt.subplots(len(metrics), len(columns), figsize=(5 * len(columns), 3.6 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics):
-        for init, points in lines.items():
+        for line, points in lines.items():
             points.sort(key=lambda p: p[0])
-            for ax, key in zip(row, ("max99", "auc")):
-                values = [p[1][f"{metric}_{key}"] for p in points]
-                ax.errorbar([p[0] for p in points], [v[0] for v in values], yerr=[v[1] for v in values], marker="o",
-                            capsize=2, label=init)
-        states = sorted({n for points in lines.values() for n, _ in points})
-        row[0].set(ylabel=f"max length with > 99%\n{METRICS[metric].split(' (')[0]}")
-        row[1].set(ylabel=f"AUC of {METRICS[metric].split(' (')[0]}\nvs length", ylim=(-0.02, 1.02))
-        for ax in row:
-            ax.set(xscale="log", xlabel="state size N", xticks=states, xticklabels=[str(n) for n in states])
+            for ax, (_, value) in zip(row, columns):
+                values = [value(r, metric) for _, r in points]
+                ax.errorbar([x for x, _ in points], [v[0] for v in values], yerr=[v[1] for v in values], marker="o",
+                            capsize=2, label=" ".join(line[i] for i in varies))
+        ticks = sorted({x for points in lines.values() for x, _ in points})
+        for ax, (name, _) in zip(row, columns):
+            ax.set(xscale="log", xlabel=xlabel, xticks=ticks, xticklabels=[str(x) for x in ticks],
+                   ylabel=f"{METRICS[metric].split(' (')[0]}\n{name}")
             ax.minorticks_off()
-            ax.legend()
-    _save(fig, path, Path(out).name)
+            ax.legend(fontsize=7)
+    _save(fig, path, title)
 
 
 @torch.no_grad()

@@ -300,6 +300,26 @@ def test_summary_averages_seeds_and_names_lengths_when_configs_differ(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_accuracy_is_plotted_against_what_varies_within_a_curve(tmp_path):
+    """Fig. 9's training lengths and Fig. 6's vocabularies get a plot; Fig. 4's vocabularies, which differ only
+    between tasks, do not."""
+    run = lambda task, init, **kv: {"task": task, "arch": "mamba2", "mimetic": init == "mimetic", "d_state": 128,
+                                    "vocab_size": 64, "train_len": 16, **kv}
+    long = [run(task, init, train_len=n, **({"vocab_size": 1024} if task == "mqar" else {}))
+            for task in ("copy", "mqar") for n in (8, 16) for init in ("default", "mimetic")]
+    assert figures.axes_to_plot(long) == ["train_len"]
+    assert figures.axes_to_plot([run("copy", "default", vocab_size=v) for v in (16, 64)]) == ["vocab_size"]
+    assert figures.axes_to_plot([run("stack", "default"), run("sort", "default", vocab_size=512)]) == []
+    assert figures.axes_to_plot([run("copy", i, d_state=n) for n in (16, 32) for i in ("default", "mimetic")]) == [
+        "d_state"]
+    for name, n, finals in (("n8", 8, (1.0, 0.5)), ("n16", 16, (0.5, 0.0))):
+        fake_run(tmp_path / name / "seed0", n, dict(zip((n, 2 * n), finals)))
+        config = json.loads((tmp_path / name / "seed0" / "config.json").read_text())
+        (tmp_path / name / "seed0" / "config.json").write_text(json.dumps({**config, "task": "copy"}))
+    figures.write_summary(tmp_path, ["n8", "n16"])
+    assert (tmp_path / "summary_train_len.png").stat().st_size > 0 and not (tmp_path / "summary_vocab_size.png").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sweeps: skip finished runs, survive kills, share between processes, guard against divergence
 
