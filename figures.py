@@ -135,6 +135,26 @@ def summarize(out, names):
     return rows
 
 
+def first_step_above(run, length, threshold=0.9, metric="exact_match"):
+    """The first evaluated step with accuracy >= threshold at `length` (how fast a run learns), or None."""
+    return next((r["step"] for r in run["rows"] if r[metric].get(str(length), 0.0) >= threshold), None)
+
+
+def per_seed_table(out, rows):
+    """Markdown lines: each chosen run's final exact match per length and its first step >= 0.9 at the train
+    length, for the verdicts that rest on a spread (bimodal seeds) or on learning speed."""
+    header = ["config", "run", "exact match per length", "first step ≥ 0.9 at the train length"]
+    lines = ["## exact match per seed", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for r in rows:
+        for run in load_runs(out / r["config"]):
+            if hyper(run) == (r["lr"], r["c"]) and not run["failed"]:
+                finals = ", ".join(f"{final(run, 'exact_match', n):.3f} @{n}" for n in r["lens"])
+                first = first_step_above(run, r["train_len"])
+                lines.append(f"| {r['config']} | {run['path'].relative_to(out / r['config'])} | {finals} | "
+                             f"{'never' if first is None else first} |")
+    return lines + [""]
+
+
 def write_summary(out, names, title=None):
     """summary.md (a table per metric) and summary.csv, plus the figures: summary.png (curves),
     summary_final.png (bars), summary_lengths.png (final accuracy vs length, with 3 or more eval lengths)
@@ -158,6 +178,7 @@ def write_summary(out, names, title=None):
             cells += [f"{r[f'{metric}_auc'][0]:.3f}", f"{r[f'{metric}_max99'][0]:.0f}"]
             table.append("| " + " | ".join(cells) + " |")
         tables[metric] = table + [""]
+    tables["per_seed"] = per_seed_table(out, rows)
     failed = [f for r in rows for f in r["failed"]]
     notes = ["## failed runs (diverged; not in the tables)", ""] + [f"- {f}" for f in failed] + [""] if failed else []
     intro = [f"# {title or out.name}: final accuracy, mean ± std over seeds", "",

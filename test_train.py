@@ -296,6 +296,8 @@ def test_summary_averages_seeds_and_names_lengths_when_configs_differ(tmp_path):
     assert "| copy | 2 | 0.003 | 8 | 0.750 ± 0.354 @16 | 0.750 ± 0.354 @32 | 0.750 | 16 |" in text  # (0 + 32) / 2
     assert "| mqar | 2 | 0.003 | 8 | 0.250 ± 0.000 @8 | 0.250 ± 0.000 @16 | 0.250 | 0 |" in text
     assert "## token accuracy (mqar: zoology's per-query accuracy)" in text and "## string accuracy" in text
+    assert "| copy | seed0 | 0.500 @16, 0.500 @32 | never |" in text  # the seeds apart: 0.5 never reaches 0.9
+    assert "| copy | seed1 | 1.000 @16, 1.000 @32 | 10 |" in text
     for name in ("summary.csv", "summary.png", "summary_final.png"):
         assert (tmp_path / name).stat().st_size > 0
 
