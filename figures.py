@@ -31,7 +31,7 @@ METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoo
 
 def load_runs(folder):
     """Every run under `folder` (itself, its children or grandchildren): dicts with path, config, rows,
-    failed (the divergence message, or None). Sorted by path."""
+    failed (the divergence message, or None) and done (it trained all its steps). Sorted by path."""
     folder = Path(folder)
     paths = sorted({p.parent for pattern in ("metrics.jsonl", "*/metrics.jsonl", "*/*/metrics.jsonl")
                     for p in folder.glob(pattern)})
@@ -41,7 +41,7 @@ def load_runs(folder):
         failed = (path / "failed").read_text().strip() if (path / "failed").exists() else None
         if rows:
             runs.append(dict(path=path, config=json.loads((path / "config.json").read_text()), rows=rows,
-                             failed=failed))
+                             failed=failed, done=(path / "done").exists()))
     return runs
 
 
@@ -112,10 +112,11 @@ def max_length_above(lengths, accuracies, threshold=0.99):
 
 def summarize(out, names):
     """Rows of the summary: per config its chosen (lr, c), seeds, failed runs and for each metric the
-    mean ± std over seeds of the final value per eval length, AUC and max > 99% length."""
+    mean ± std over seeds of the final value per eval length, AUC and max > 99% length. A run that has not
+    finished (still training, or stopped) has no final value: it is left out."""
     rows = []
     for name in names:
-        runs = load_runs(out / name)
+        runs = [r for r in load_runs(out / name) if r["done"] or r["failed"]]
         if not runs:
             continue
         best = best_hyper(runs)
@@ -147,7 +148,7 @@ def per_seed_table(out, rows):
     lines = ["## exact match per seed", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in rows:
         for run in load_runs(out / r["config"]):
-            if hyper(run) == (r["lr"], r["c"]) and not run["failed"]:
+            if hyper(run) == (r["lr"], r["c"]) and run["done"] and not run["failed"]:
                 finals = ", ".join(f"{final(run, 'exact_match', n):.3f} @{n}" for n in r["lens"])
                 first = first_step_above(run, r["train_len"])
                 lines.append(f"| {r['config']} | {run['path'].relative_to(out / r['config'])} | {finals} | "
@@ -181,6 +182,11 @@ def write_summary(out, names, title=None):
     tables["per_seed"] = per_seed_table(out, rows)
     failed = [f for r in rows for f in r["failed"]]
     notes = ["## failed runs (diverged; not in the tables)", ""] + [f"- {f}" for f in failed] + [""] if failed else []
+    unfinished = [str(r["path"].relative_to(out)) for name in names for r in load_runs(out / name)
+                  if not r["done"] and not r["failed"]]
+    if unfinished:
+        notes += ["## unfinished runs (still training, or stopped; not in the tables)", ""]
+        notes += [f"- {f}" for f in unfinished] + [""]
     intro = [f"# {title or out.name}: final accuracy, mean ± std over seeds", "",
              "Per config, the learning rate and c with the best mean final exact match (then token accuracy) at "
              "the train length (marked *); every length is reported at that choice.", ""]

@@ -254,8 +254,9 @@ def test_weight_decay_policy_and_schedules():
 # ---------------------------------------------------------------------------------------------------
 # Metrics and summaries, on made-up runs with hand-computed answers
 
-def fake_run(folder, train_len, finals, lr=3e-3, c=8.0, failed=False, metric_values=None):
-    """A run folder whose last eval has the given final exact match per length (token acc 1 - it)."""
+def fake_run(folder, train_len, finals, lr=3e-3, c=8.0, failed=False, metric_values=None, unfinished=False):
+    """A run folder whose last eval has the given final exact match per length (token acc 1 - it); it is
+    done unless it failed or is unfinished."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"train_len": train_len, "lr": lr, "c": c, "d_state": 16}))
     row = lambda values: {"step": 10, **{m: {str(n): v if m != "token_acc" else 1 - v for n, v in values.items()}
@@ -263,6 +264,8 @@ def fake_run(folder, train_len, finals, lr=3e-3, c=8.0, failed=False, metric_val
     (folder / "metrics.jsonl").write_text(json.dumps(row(dict.fromkeys(finals, 0.0))) + "\n" + json.dumps(row(finals)))
     if failed:
         (folder / "failed").write_text("step 3: loss nan\n")
+    elif not unfinished:
+        (folder / "done").touch()
 
 
 def test_auc_and_longest_length_above_99_percent():
@@ -284,6 +287,17 @@ def test_best_learning_rate_is_picked_on_the_train_length_never_on_the_reported_
     text = (tmp_path / "summary.md").read_text()
     assert "| cfg | 2 | 0.003 (best) | 8 | 0.800 ± 0.000 | 0.100 ± 0.000 |" in text
     assert "failed runs" in text and "lr0.01/seed0" in text
+
+
+def test_summary_leaves_out_unfinished_runs_and_lists_them(tmp_path):
+    """A run still training, or stopped, has no 'done': its last eval is not a final value."""
+    fake_run(tmp_path / "cfg" / "seed0", 4, {4: 1.0, 8: 0.5})
+    fake_run(tmp_path / "cfg" / "seed1", 4, {4: 0.0, 8: 0.0}, unfinished=True)
+    rows = figures.write_summary(tmp_path, ["cfg"])
+    assert rows[0]["seeds"] == 1 and rows[0]["exact_match@8"] == (0.5, 0.0)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| cfg | 1 | 0.003 | 8 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in text and "| cfg | seed1 |" not in text
+    assert "unfinished runs" in text and "- cfg/seed1" in text
 
 
 def test_summary_averages_seeds_and_names_lengths_when_configs_differ(tmp_path):
