@@ -29,9 +29,10 @@ METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoo
 # ----------------------------------------------------------------------------------------------------
 # Reading runs
 
-def load_runs(folder):
+def load_runs(folder, finished_only=False):
     """Every run under `folder` (itself, its children or grandchildren): dicts with path, config, rows,
-    failed (the divergence message, or None) and done (it trained all its steps). Sorted by path."""
+    failed (the divergence message, or None) and done (it trained all its steps). Sorted by path.
+    finished_only: only runs that are done or failed, leaving out those still training or stopped."""
     folder = Path(folder)
     paths = sorted({p.parent for pattern in ("metrics.jsonl", "*/metrics.jsonl", "*/*/metrics.jsonl")
                     for p in folder.glob(pattern)})
@@ -39,9 +40,10 @@ def load_runs(folder):
     for path in paths:
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
         failed = (path / "failed").read_text().strip() if (path / "failed").exists() else None
-        if rows:
+        done = (path / "done").exists()
+        if rows and (done or failed or not finished_only):
             runs.append(dict(path=path, config=json.loads((path / "config.json").read_text()), rows=rows,
-                             failed=failed, done=(path / "done").exists()))
+                             failed=failed, done=done))
     return runs
 
 
@@ -73,9 +75,9 @@ def best_hyper(runs):
     return max(sorted({hyper(r) for r in ok}, key=str), key=key)
 
 
-def load_run_group(folder):
+def load_run_group(folder, finished_only=False):
     """(label, train length, [rows of each seed]) of a run folder or config folder, at its best (lr, c)."""
-    runs = load_runs(folder)
+    runs = load_runs(folder, finished_only)
     if not runs:
         raise ValueError(f"no metrics.jsonl in {folder} or below it")
     best = best_hyper(runs) or hyper(runs[0])
@@ -116,7 +118,7 @@ def summarize(out, names):
     finished (still training, or stopped) has no final value: it is left out."""
     rows = []
     for name in names:
-        runs = [r for r in load_runs(out / name) if r["done"] or r["failed"]]
+        runs = load_runs(out / name, finished_only=True)
         if not runs:
             continue
         best = best_hyper(runs)
@@ -147,8 +149,8 @@ def per_seed_table(out, rows):
     header = ["config", "run", "exact match per length", "first step ≥ 0.9 at the train length"]
     lines = ["## exact match per seed", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for r in rows:
-        for run in load_runs(out / r["config"]):
-            if hyper(run) == (r["lr"], r["c"]) and run["done"] and not run["failed"]:
+        for run in load_runs(out / r["config"], finished_only=True):
+            if hyper(run) == (r["lr"], r["c"]) and not run["failed"]:
                 finals = ", ".join(f"{final(run, 'exact_match', n):.3f} @{n}" for n in r["lens"])
                 first = first_step_above(run, r["train_len"])
                 lines.append(f"| {r['config']} | {run['path'].relative_to(out / r['config'])} | {finals} | "
@@ -197,7 +199,7 @@ def write_summary(out, names, title=None):
         writer.writeheader()
         writer.writerows(flat)
     print("\n".join(tables["exact_match"] + notes))
-    groups = [load_run_group(out / r["config"]) for r in rows if r["seeds"]]
+    groups = [load_run_group(out / r["config"], finished_only=True) for r in rows if r["seeds"]]
     plot_accuracy(groups, out / "summary.png", out.name)
     plot_final(groups, out / "summary_final.png", f"{out.name}: mean ± std over seeds")
     if max(len(r["lens"]) for r in rows) >= 3:
