@@ -382,6 +382,30 @@ def test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_pa
 
 
 @pytest.mark.long
+def test_stop_at_pauses_with_the_full_schedule_and_resumes_to_the_uninterrupted_metrics(tmp_path, capsys):
+    """--stop-at K keeps --steps' lr schedule: step K of a paused run equals step K of a run never paused, a
+    pause off the eval grid leaves a row that the resumed run drops, and a pause at or before the checkpoint's
+    step trains nothing."""
+    args = [*TINY, "--steps", "40", "--eval-every", "10", "--pack", "14"]
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    same = lambda rows: [{k: r[k] for k in ("step", "loss", *figures.METRICS)} for r in rows]
+    expected = same(rows_of(tmp_path / "whole"))
+    out = tmp_path / "paused"
+    train.main([*args, "--stop-at", "20", "--out", str(out)])
+    assert "paused at step 20 of 40" in capsys.readouterr().out and not (out / "done").exists()
+    assert same(rows_of(out)) == expected[:3]  # steps 0, 10, 20
+    train.main([*args, "--stop-at", "15", "--out", str(out)])  # already past it: nothing trains
+    assert "paused at step 20 of 40" in capsys.readouterr().out and same(rows_of(out)) == expected[:3]
+    train.main([*args, "--stop-at", "25", "--out", str(out)])
+    assert f"resuming {out} from step 20" in capsys.readouterr().out
+    assert [r["step"] for r in rows_of(out)] == [0, 10, 20, 25]  # the pause's own eval row
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["run"]["step"] == 25
+    train.main([*args, "--out", str(out)])
+    assert (out / "done").exists() and same(rows_of(out)) == expected
+
+
+@pytest.mark.long
 def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--steps", "300", "--eval-every", "10", "--checkpoint-every", "10", "--out", str(out)]

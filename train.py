@@ -241,6 +241,8 @@ OPTIONS = [
      "D, dt_bias), as mamba_ssm; all: every parameter, as Jelassi et al.'s pipeline"),
     ("beta2", 0.95, float, "AdamW β2 (β1 = 0.9; the pipeline: torch's default 0.999)"),
     ("grad_clip", 1.0, float, "gradient norm clip (0: off)"),
+    ("stop_at", None, int, "pause at this step, checkpoint and exit 0, keeping --steps' schedule; the same command "
+     "with a larger --stop-at, or without it, goes on (step K equals step K of a run never paused)"),
     ("eval_every", 250, int, "evaluate every this many steps (and at the end)"),
     ("eval_batches", 4, int, "batches of 64 examples per eval length"),
     ("checkpoint_every", 1000, int, "write checkpoint.pt every this many steps (and at the end)"),
@@ -297,6 +299,8 @@ def resolve_config(config):
     if c["mimetic"] and c["pattern"] and "M" not in c["pattern"]:
         raise ValueError(f"mimetic init needs Mamba layers, but pattern {c['pattern']} has none")
     c["eval_lens"] = c["eval_lens"] or [c["train_len"], 2 * c["train_len"], 4 * c["train_len"]]
+    if c["stop_at"] is not None and c["stop_at"] <= 0:
+        raise ValueError(f"--stop-at must be a positive step, got {c['stop_at']}")
     for name in ("train_len", "steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every", "d_model",
                  "n_layers", "vocab_size", "mqar_tokens_per_pair", "lr"):
         if c[name] <= 0:
@@ -532,7 +536,7 @@ def load_checkpoint(out):
     return None
 
 
-RUN_ONLY = ("threads", "device")  # may differ between the run that wrote a checkpoint and the one resuming
+RUN_ONLY = ("threads", "device", "stop_at")  # may differ between the run that wrote a checkpoint and the one resuming
 
 
 def check_same_run(saved, c, out):
@@ -667,15 +671,18 @@ class Run:
         panels = figures.attention_panels(self.model, example_inputs(self.c).to(self.device))
         figures.plot_attention(panels, f"{run_name(self.c)} {when}", self.out / name)
 
-    def finish(self, stopped, failure):
+    def finish(self, stopped, failure, paused=False):
         """Print the final table and write the outputs: the last checkpoint and `done` (finished), `failed`
-        (diverged), or, when stopped early, an eval row at the stopping step that a resumed run drops."""
+        (diverged), or, when stopped early (or paused by --stop-at), an eval row at the stopping step that a
+        resumed run drops."""
         c, out, rows = self.c, self.out, self.progress["rows"]
         final = rows[-1]
         if failure:
             print(failure, flush=True)
         elif stopped:
-            print(f"interrupted at step {stopped}; the same command resumes from there", flush=True)
+            print(f"paused at step {stopped} of {c['steps']} (--stop-at); the same command with a larger --stop-at, "
+                  "or without it, goes on" if paused else
+                  f"interrupted at step {stopped}; the same command resumes from there", flush=True)
             final = final if final["step"] == stopped else self.evaluate()
         print_table(final, c["train_len"])
         if not out:
@@ -696,13 +703,16 @@ class Run:
 def train(config):
     """Train one run (a dict of the CLI flags; missing ones take their defaults). With config["out"], it writes
     the run folder, checkpoints every --checkpoint-every steps and resumes from the folder's last checkpoint.
-    Returns the final metrics row. Raises Diverged when the loss turns NaN or Inf, and KeyboardInterrupt when
-    stopped early, after writing the outputs."""
+    Returns the final metrics row (also when paused by --stop-at, leaving the run unfinished). Raises Diverged
+    when the loss turns NaN or Inf, and KeyboardInterrupt when stopped early, after writing the outputs."""
     run = Run(config)
     c, stopped, failure = run.c, None, None
+    pause_at = c["stop_at"] if c["stop_at"] is not None and c["stop_at"] < c["steps"] else None
     run.start()
+    if pause_at is not None and run.step >= pause_at:  # resumed at or past the pause: nothing to train
+        stopped = run.step
     with StopRequest() as stop:
-        while run.step < c["steps"]:
+        while run.step < c["steps"] and not stopped:
             loss = run.train_step()
             if not math.isfinite(loss):
                 failure = (f"step {run.step}: loss {loss} at lr {run.schedule.get_last_lr()[0]:.3g} (peak --lr "
@@ -710,16 +720,17 @@ def train(config):
                 break
             if run.step % c["eval_every"] == 0 or run.step == c["steps"]:
                 run.log_eval()
-            if stop.requested and run.step < c["steps"]:
+            if (stop.requested or run.step == pause_at) and run.step < c["steps"]:
                 stopped = run.step
             if run.out and (run.step % c["checkpoint_every"] == 0 or stopped) and run.step < c["steps"]:
                 run.checkpoint()  # its rows end at the last regular eval, as an uninterrupted run's do
             if stopped:
                 break
-    final = run.finish(stopped, failure)
+    paused = stopped is not None and not stop.requested
+    final = run.finish(stopped, failure, paused)
     if failure:
         raise Diverged(failure)
-    if stopped:
+    if stopped and not paused:
         raise KeyboardInterrupt
     return final
 
