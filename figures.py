@@ -158,6 +158,21 @@ def per_seed_table(out, rows):
     return lines + [""]
 
 
+def steps_table(folders, steps, length=None, metrics=("exact_match", "token_acc")):
+    """Markdown lines: every run under `folders` (each seed, paused runs too) at the evaluated `steps`, with
+    `metrics` at `length` (default: twice the train length), for claims about the first steps of training."""
+    header = ["run", "lr", "length"] + [f"step {s}" for s in steps]
+    lines = [f"cells: {' / '.join(metrics)}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for folder in folders:
+        for run in load_runs(folder):
+            n = str(length or 2 * run["config"]["train_len"])
+            at = {r["step"]: r for r in run["rows"]}
+            cells = [" / ".join(f"{at[s][m][n]:.3f}" for m in metrics) if s in at else "-" for s in steps]
+            name = run["path"].relative_to(Path(folder).parent)
+            lines.append(f"| {name} | {run['config']['lr']:g} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_summary(out, names, title=None):
     """summary.md (a table per metric) and summary.csv, plus the figures: summary.png (curves),
     summary_final.png (bars), summary_lengths.png (final accuracy vs length, with 3 or more eval lengths)

@@ -395,6 +395,10 @@ def test_stop_at_pauses_with_the_full_schedule_and_resumes_to_the_uninterrupted_
     train.main([*args, "--stop-at", "20", "--out", str(out)])
     assert "paused at step 20 of 40" in capsys.readouterr().out and not (out / "done").exists()
     assert same(rows_of(out)) == expected[:3]  # steps 0, 10, 20
+    train.main(["plot", str(out), "--at-steps", "10,20,30"])  # a paused run's table: 2x the train length
+    row = capsys.readouterr().out.splitlines()[-1]
+    at = lambda step: " / ".join(f"{expected[step // 10][m]['8']:.3f}" for m in ("exact_match", "token_acc"))
+    assert row == f"| paused | 0.003 | 8 | {at(10)} | {at(20)} | - |"
     train.main([*args, "--stop-at", "15", "--out", str(out)])  # already past it: nothing trains
     assert "paused at step 20 of 40" in capsys.readouterr().out and same(rows_of(out)) == expected[:3]
     train.main([*args, "--stop-at", "25", "--out", str(out)])

@@ -915,11 +915,17 @@ def plot_command(argv):
     parser.add_argument("--final", action="store_true", help="bars of the final values, not curves")
     parser.add_argument("--lengths", action="store_true", help="final accuracy vs evaluation length")
     parser.add_argument("--metric", default="exact_match", choices=tuple(figures.METRICS))
+    parser.add_argument("--at-steps", type=int_list, help="instead: print a markdown table of every run at these "
+                        "steps, with --metric and token accuracy at --length (default: 2x the train length)")
+    parser.add_argument("--length", type=int, help="with --at-steps: the evaluation length")
     parser.add_argument("--maps", type=int, metavar="LAYER", help="instead: this layer's attention map in each run "
                         "(run folders with checkpoint.pt), side by side, on one example of the train length")
     args = parser.parse_args(argv)
     plot = figures.plot_final if args.final else figures.plot_lengths if args.lengths else figures.plot_accuracy
     try:
+        if args.at_steps:
+            metrics = dict.fromkeys((args.metric, "token_acc"))
+            return print("\n".join(figures.steps_table(args.runs, args.at_steps, args.length, tuple(metrics))))
         if args.maps is not None:
             figures.plot_maps([(Path(r).parent.name if Path(r).name.startswith("seed") else Path(r).name,
                                 *layer_map(Path(r), args.maps)) for r in args.runs], args.out)
