@@ -158,7 +158,8 @@ def test_paper_presets_are_the_papers_setups():
         config = preset_config("tasks", f"{task}_mimetic_l3")
         assert [config[k] for k in ("task", "vocab_size", "mimetic_layers", "n_layers")] == [task, vocab, [3], 8]
     mqar = preset_config("tasks", "mqar_default")  # zoology: 16 tokens per pair, one length per run
-    assert (mqar["train_len"], mqar["min_train_len"], mqar["mqar_tokens_per_pair"], mqar["pack"]) == (50, 50, 16, 0)
+    assert (mqar["train_len"], mqar["min_train_len"], mqar["mqar_tokens_per_pair"], mqar["pack"]) == (3, 3, 16, 0)
+    assert mqar["eval_lens"] == [3, 6, 12]  # 48 tokens, Fig. 4's "training length (50)", then 2× and 4×
     assert preset_config("tasks", "stack_mimetic_all")["mimetic_layers"] is None  # the extra config, named so
     linear, mamba = preset_config("linattn", "linear32"), preset_config("linattn", "mamba_N32_mimetic_l3")
     assert linear["pattern"] == "MMMLMMMM" and linear["linear_head_dim"] == 32 and linear["eval_lens"] == [50, 100, 200]
