@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # figures go to files; no display needed
 import matplotlib.pyplot as plt
 import torch
 
-from mimetic import attention_map, attention_mask, layout_of
+from mimetic import attention_map, attention_mask, layout_of, mixer_inputs
 
 METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
            "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
@@ -340,12 +340,14 @@ def plot_against(rows, configs, key, path, title="", metrics=("exact_match", "to
 
 @torch.no_grad()
 def attention_panels(model, inputs):
-    """Per layer: (average attention map, average mask ∏Ā or None) on one example, as numpy arrays."""
+    """Per layer: (average attention map, average mask ∏Ā or None) on one example, as numpy arrays, from what
+    each mixer reads (mixer_inputs: forward pre-hooks, for ours and transformers' models alike)."""
     panels = []
-    for block, h in zip(model.layers, model.mixer_inputs(inputs)):
-        is_ssm = layout_of(block.mixer) is not None  # ours, or a transformers / mamba_ssm Mamba layer
-        mask = attention_mask(block.mixer, h)[0].float().cpu().numpy() if is_ssm else None
-        panels.append((attention_map(block.mixer, h)[0].float().cpu().numpy(), mask))
+    for i, h in mixer_inputs(model, inputs).items():
+        mixer = model.layers[i].mixer
+        is_ssm = layout_of(mixer) is not None  # ours, or a transformers / mamba_ssm Mamba layer
+        mask = attention_mask(mixer, h)[0].cpu().numpy() if is_ssm else None
+        panels.append((attention_map(mixer, h)[0].cpu().numpy(), mask))
     return panels
 
 

@@ -381,11 +381,7 @@ class LM(nn.Module):
 
     def mixer_inputs(self, input_ids):
         """The normalized hidden states each layer's mixer reads: a list of (b, L, d_model)."""
-        h, inputs = self.embedding(input_ids), []
-        for block in self.layers:
-            inputs.append(block.norm(h))
-            h = h + block.mixer(inputs[-1])
-        return inputs
+        return list(mixer_inputs(self, input_ids).values())
 
     def forward(self, input_ids):
         if input_ids.dim() != 2:
@@ -422,8 +418,12 @@ def _mamba1_layout(layer, N, R):
 
 def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
     """Mamba 2: in_proj rows end with [B (G·N), C (G·N), dt (H)] (before them: z and x, and first mamba_ssm's
-    MLP rows z0, x0 when d_ssm < d_inner); W_Δ = the dt rows, b_Δ = dt_bias."""
-    W, first = layer.in_proj, layer.in_proj.out_features - 2 * G * N - H
+    MLP rows z0, x0 when d_ssm < d_inner); W_Δ = the dt rows, b_Δ = dt_bias. H heads of P channels fill D."""
+    W, first, D = layer.in_proj, layer.in_proj.out_features - 2 * G * N - H, layer.conv1d.in_channels - 2 * G * N
+    P = getattr(layer, "head_dim", None) or layer.headdim  # transformers' name, or ours and mamba_ssm's
+    if H * P != D or H % G:
+        raise ValueError(f"{_name(layer)} has {H} heads × head_dim {P} for d_inner {D} and {G} groups: the heads must "
+                         "fill d_inner and the groups divide the heads; this layer cannot run")
     groups = lambda start: [slice(start + g * N, start + (g + 1) * N) for g in range(G)]
     return Layout(2, W, groups(first), groups(first + G * N), W.weight[-H:], layer.dt_bias,
                   None if W.bias is None else W.bias[-H:], tuple(dt_limit))
@@ -436,6 +436,7 @@ LAYOUTS = {  # class name → layout: one entry per kind of Mamba layer (ours, m
     "Mamba2": lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads, getattr(m, "dt_limit", (0.0, math.inf))),
     "Mamba2Mixer": lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads, m.time_step_limit),
 }
+_name = lambda layer: parametrize.type_before_parametrizations(layer).__name__  # the user's class, not Parametrized…
 
 
 def layout_of(layer):
@@ -444,16 +445,39 @@ def layout_of(layer):
     return LAYOUTS[kind](layer) if kind else None
 
 
-def mamba_layers(module):
-    """{index: Mamba layer} of a module: a layer itself is {0: it}; a model's layers are indexed as its list of
-    blocks is (ours: model.layers; transformers', mamba_ssm's: model.backbone.layers), attention blocks
-    included, so the paper's "layer 4 of 8" is 3; without such a list, the Mamba layers in module order."""
+def sequence_mixers(module):
+    """{index: mixer} of a module: a Mamba layer itself is {0: it}; a model's are indexed as its list of blocks
+    is (ours: model.layers; transformers', mamba_ssm's: model.backbone.layers), attention blocks included, so
+    the paper's "layer 4 of 8" is 3; without such a list, the Mamba layers in module order."""
     if layout_of(module):
         return {0: module}
     for blocks in module.modules():
         if isinstance(blocks, nn.ModuleList) and any(hasattr(block, "mixer") for block in blocks):
-            return {i: b.mixer for i, b in enumerate(blocks) if layout_of(getattr(b, "mixer", None))}
+            return {i: b.mixer for i, b in enumerate(blocks) if hasattr(b, "mixer")}
     return dict(enumerate(m for m in module.modules() if layout_of(m)))
+
+
+def mamba_layers(module):
+    """{index: Mamba layer} of a module, indexed as sequence_mixers."""
+    return {i: m for i, m in sequence_mixers(module).items() if layout_of(m)}
+
+
+def mixer_inputs(model, input_ids):
+    """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) while
+    model(input_ids) runs, caught by forward pre-hooks: no library's numbering of hidden_states is assumed
+    (transformers 5's output_hidden_states[k] is block k's output, not its input)."""
+    seen, mixers = {}, sequence_mixers(model)
+    index = {id(m): i for i, m in mixers.items()}
+
+    def capture(module, args, kwargs):
+        seen.setdefault(index[id(module)], args[0] if args else kwargs["hidden_states"])
+    hooks = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in mixers.values()]
+    try:
+        model(input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {i: seen[i] for i in mixers if i in seen}
 
 
 class MimeticA(nn.Module):
@@ -490,6 +514,9 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
     raw (which trains, _no_weight_decay kept) as `...parametrizations.A_log.original` and c as `...A_log.0.c`;
     it loads into a model given the same mimetic_init_, into others after bake_mimetic_A_ (from_pretrained
     would re-draw the missing A_log with a mere warning). Their own weight init, run again, misses raw.
+
+    Every layer is checked before any changes. A second call changes nothing: W_C is averaged again only
+    if it changed since (the layer keeps what it set in a non-persistent buffer, mimetic_W_C).
     """
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
@@ -500,8 +527,14 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
     chosen = sorted(found) if layers is None else list(layers)
     if bad := [i for i in chosen if i not in found]:
         raise ValueError(f"layers {bad} are not Mamba layers of this model; its Mamba layers are {sorted(found)}")
-    for layer in (found[i] for i in chosen):
-        where = layout_of(layer)
+    if len(set(chosen)) < len(chosen):
+        raise ValueError(f"layers {chosen} names a layer more than once")
+    todo = [(found[i], layout_of(found[i])) for i in chosen]
+    for layer, where in todo if dt else ():
+        if not where.dt_limit[0] <= 1 <= where.dt_limit[1]:
+            raise ValueError(f"{_name(layer)} clamps Δ to {where.dt_limit}: Δ = 1 is impossible; pass dt=False or "
+                             "widen its dt_limit / time_step_limit")
+    for layer, where in todo:
         if A and isinstance(layer, SelectiveSSM):
             layer.mimetic_c = torch.tensor(float(c), device=layer.A_log.device)
         elif A and parametrize.is_parametrized(layer, "A_log"):
@@ -510,18 +543,18 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
             decay = getattr(layer.A_log, "_no_weight_decay", False)
             parametrize.register_parametrization(layer, "A_log", MimeticA(c).to(layer.A_log.device), unsafe=True)
             layer.parametrizations.A_log.original._no_weight_decay = decay
-        if dt and not where.dt_limit[0] <= 1 <= where.dt_limit[1]:
-            raise ValueError(f"{type(layer).__name__} clamps Δ to {where.dt_limit}: Δ = 1 is impossible; pass "
-                             "dt=False or widen its dt_limit / time_step_limit")
         if dt:
             where.dt_weight.zero_()
             where.dt_bias.fill_(SOFTPLUS_INV_1)
             if where.dt_in_bias is not None:
                 where.dt_in_bias.zero_()
-        for rows_B, rows_C in zip(where.B, where.C) if bc else ():
-            for t in (where.proj.weight, where.proj.bias):
-                if t is not None:
-                    t[rows_C] = 0.5 * (t[rows_C] + t[rows_B])
+        W_C = lambda: torch.cat([where.proj.weight[rows] for rows in where.C])
+        if bc and not (hasattr(layer, "mimetic_W_C") and torch.equal(layer.mimetic_W_C, W_C())):
+            for rows_B, rows_C in zip(where.B, where.C):
+                for t in (where.proj.weight, where.proj.bias):
+                    if t is not None:
+                        t[rows_C] = 0.5 * (t[rows_C] + t[rows_B])
+            layer.register_buffer("mimetic_W_C", W_C(), persistent=False)
         if where.version == 2 if conv is None else conv:
             layer.conv1d.weight.zero_()
             layer.conv1d.weight[:, 0, -1] = 1.0
@@ -540,6 +573,8 @@ def bake_mimetic_A_(module):
             layer.A_log.copy_(-layer.mimetic_c * layer.A_log)
             layer.mimetic_c = None
         elif parametrize.is_parametrized(layer, "A_log"):
+            cls = type(layer)  # torch shares it with the layer's deep copies: remove A_log from this layer's own copy
+            layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             decay = getattr(layer.parametrizations.A_log.original, "_no_weight_decay", False)
             parametrize.remove_parametrizations(layer, "A_log", leave_parametrized=True)
             layer.A_log._no_weight_decay = decay
@@ -567,16 +602,22 @@ def ssm_inputs(layer, hidden_states):
     return x.unflatten(-1, (H, D // H)), dt, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), z
 
 
+def ssm_A(layer):
+    """A of any Mamba layer in fp32: (D, N) for Mamba 1, (H, 1) for Mamba 2 (a scalar per head)."""
+    A = layer.A if isinstance(layer, SelectiveSSM) else -torch.exp(layer.A_log.float())
+    return A.reshape(len(A), -1)
+
+
 def ssm_params(layer, hidden_states):
     """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer: everything Eq. 8 needs, per channel
-    (Mamba 2: per head, A the same for all N, §2), Δ clamped as the layer clamps it."""
-    where, (_, dt, B, C, _) = layout_of(layer), ssm_inputs(layer, hidden_states)
-    A = layer.A if isinstance(layer, SelectiveSSM) else -torch.exp(layer.A_log.float())
+    (Mamba 2: per head, A the same for all N, §2), Δ clamped as the layer clamps it. In fp32 (fp64 for an
+    fp64 layer): the layer's projections, in its own precision, are cast up."""
+    where, A = layout_of(layer), ssm_A(layer)
+    dt, B, C = (t.to(torch.promote_types(t.dtype, A.dtype)) for t in ssm_inputs(layer, hidden_states)[1:4])
     if where.version == 1:
-        delta = F.softplus(dt + where.dt_bias[:, None])
-        return delta.clamp(*where.dt_limit), A, B[:, None], C[:, None]
+        return F.softplus(dt + where.dt_bias[:, None]).clamp(*where.dt_limit), A, B[:, None], C[:, None]
     delta = F.softplus(dt + where.dt_bias).transpose(1, 2).clamp(*where.dt_limit)  # (b, H, L)
-    return delta, A[:, None].expand(-1, B.shape[-1]), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
+    return delta, A.expand(-1, B.shape[-1]), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -619,12 +660,16 @@ def attention_matrix(layer, hidden_states):
     """M of a mixing layer on the hidden_states it reads (b, L, d_model): (b, D, L, L) per channel for Mamba 1,
     (b, H, L, L) per head for Mamba 2, Attention and LinearAttention; Mamba layers of transformers and
     mamba_ssm too (Fig. 11). For Mamba, M times the SSM input (after conv and SiLU) is the SSM output
-    before the D skip and the z gate."""
+    before the D skip and the z gate. Maps are fp32 (fp64 for an fp64 layer), under bf16 weights or autocast
+    too: the layer's projections are computed as it computes them, Eq. 8 then in fp32."""
     if layout_of(layer):
-        return ssm_matrix(*ssm_params(layer, hidden_states))
+        params = ssm_params(layer, hidden_states)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return ssm_matrix(*params)
     if isinstance(layer, (Attention, LinearAttention)):
-        return layer.attention_matrix(hidden_states)
-    raise TypeError(f"no attention matrix for {type(layer).__name__}")
+        M = layer.attention_matrix(hidden_states)
+        return M.to(torch.promote_types(M.dtype, torch.float32))
+    raise TypeError(f"no attention matrix for {_name(layer)}")
 
 
 def attention_map(layer, hidden_states):
@@ -636,10 +681,48 @@ def attention_mask(layer, hidden_states):
     """The average attention mask (§2): (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}, (b, L, L); its reach
     shows how far back the layer can look."""
     if not layout_of(layer):
-        raise TypeError(f"only Mamba layers have a mask ∏Ā, got {type(layer).__name__}")
+        raise TypeError(f"only Mamba layers have a mask ∏Ā, got {_name(layer)}")
     delta, A, _, _ = ssm_params(layer, hidden_states)
     columns = A[:, :1] if shared_across_states(A) else A
     return sum(segsum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
+
+
+@torch.no_grad()
+def mimetic_report(model, input_ids=None):
+    """How mimetic each Mamba layer of `model` is: a dict per layer (print them with format_report). In
+    brackets the values right after mimetic_init_; §6 finds some pretrained layers near them.
+      mask         mean of the average mask ∏Ā over i ≥ j, on input_ids [≈ 1]; None without input_ids
+      A_bar        mean one-step decay Ā = exp(Δ A) [≈ 1, but e^−1 where A_log = 0]
+      delta(_std)  Δ's mean (spread) over channels and tokens; without input_ids Δ = softplus(b_Δ) [1 (0)]
+      bc_cos       cos(W_C, W_B), a group's rows flattened, mean over groups [≈ 1/√2 from i.i.d. rows, else ≈ 0]
+      conv_err     ‖(conv taps, bias) − (identity, 0)‖ / ‖identity‖ [0 for Mamba 2; Mamba 1 keeps its conv]"""
+    inputs, rows = {} if input_ids is None else mixer_inputs(model, input_ids), []
+    for i, layer in mamba_layers(model).items():
+        where, A, h, mask = layout_of(layer), ssm_A(layer), inputs.get(i), None
+        if h is None:  # Δ where W_Δ X = 0
+            bias = where.dt_bias.float() + (0 if where.dt_in_bias is None else where.dt_in_bias.float())
+            delta = F.softplus(bias).clamp(*where.dt_limit)[None, :, None]  # (1, D or H, 1)
+        else:
+            delta, A, _, _ = ssm_params(layer, h)
+            L = h.shape[1]
+            mask = attention_mask(layer, h).mean().item() * L**2 / (L * (L + 1) / 2)  # the mean over i ≥ j
+        W, taps, conv_bias = where.proj.weight.float(), layer.conv1d.weight[:, 0].float(), layer.conv1d.bias
+        cos = [F.cosine_similarity(W[b].flatten(), W[c].flatten(), dim=0).item() for b, c in zip(where.B, where.C)]
+        off = (taps - torch.eye(taps.shape[1], device=taps.device)[-1]).norm()  # identity: 1 on the current token
+        conv_err = math.hypot(off, 0 if conv_bias is None else conv_bias.float().norm()) / len(taps) ** 0.5
+        rows.append(dict(layer=i, mask=mask, A_bar=torch.exp(delta[:, :, None] * A[:, :, None]).mean().item(),
+                         delta=delta.mean().item(), delta_std=delta.std(correction=0).item(),
+                         bc_cos=sum(cos) / len(cos), conv_err=conv_err))
+    return rows
+
+
+def format_report(rows):
+    """mimetic_report's rows as a table, one line per layer."""
+    heads = dict(layer="layer", mask="mask ∏Ā", A_bar="Ā", delta="Δ", delta_std="Δ std", bc_cos="cos(W_C,W_B)",
+                 conv_err="‖conv−I‖/‖I‖")
+    cell = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+    table = [heads.values()] + [[cell(row[k]) for k in heads] for row in rows]
+    return "\n".join(" ".join(s.rjust(12) for s in line) for line in table)
 
 
 # ----------------------------------------------------------------------------------------------------

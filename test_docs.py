@@ -87,7 +87,7 @@ print('ok')
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
-def test_readme_own_model_example_runs(monkeypatch, tmp_path):
+def test_readme_own_model_example_runs(monkeypatch, tmp_path, capsys):
     """The README's transformers snippet, on a tiny random model instead of the hub's (no network here)."""
     transformers = pytest.importorskip("transformers")
     tiny = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=1000, hidden_size=16, num_hidden_layers=4,
@@ -96,6 +96,11 @@ def test_readme_own_model_example_runs(monkeypatch, tmp_path):
     code = re.findall(r"```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)[1]
     namespace = {}
     exec(code.replace("/tmp/my-mamba", str(tmp_path / "my-mamba")), namespace)
+    lines = capsys.readouterr().out.splitlines()
+    before, after = [line.split() for line in lines[1:5]], [line.split() for line in lines[6:10]]
+    assert lines[0].split()[:5] == lines[5].split()[:5] == ["layer", "mask", "∏Ā", "Ā", "Δ"]
+    assert all(float(b[3]) < 0.2 and a[3] == "1" and a[4] == "0" for b, a in zip(before, after))  # Δ, then 1 ± 0
+    assert lines[10] == "torch.Size([1, 24, 24])"
     assert (tmp_path / "my-mamba" / "config.json").exists()
     loaded = transformers.MambaForCausalLM.from_pretrained(tmp_path / "my-mamba")  # an unmodified model
     assert torch.allclose(loaded.backbone.layers[0].mixer.A_log, tiny.backbone.layers[0].mixer.A_log)

@@ -1,6 +1,8 @@
 """mimetic_init_ and the attention maps on the Mamba models people train: Hugging Face transformers'
 (MambaForCausalLM, Mamba2ForCausalLM and their mixers) and mamba_ssm's (Mamba, Mamba2, MambaLMHeadModel,
 which need CUDA: here stand-ins with exactly their parameter names and shapes, and a GPU-only test)."""
+import copy
+import json
 import math
 
 import pytest
@@ -10,7 +12,8 @@ import torch.nn.functional as F
 
 import mimetic
 from conftest import rel_err
-from mimetic import SOFTPLUS_INV_1, attention_matrix, bake_mimetic_A_, make_batch, mimetic_init_
+from mimetic import (SOFTPLUS_INV_1, attention_map, attention_matrix, bake_mimetic_A_, format_report, make_batch,
+                     mimetic_init_, mimetic_report, mixer_inputs)
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.mamba import modeling_mamba  # noqa: E402
@@ -22,12 +25,11 @@ VOCAB = 20
 
 def hf_model(version, seed=0, **config):
     torch.manual_seed(seed)
+    config = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2, "state_size": 8, "expand": 2, **config}
     if version == 1:
-        return transformers.MambaForCausalLM(transformers.MambaConfig(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, state_size=8, expand=2, **config))
+        return transformers.MambaForCausalLM(transformers.MambaConfig(**config))
     return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, state_size=8, expand=2, head_dim=8, num_heads=4,
-        chunk_size=8, **{"n_groups": 1, **config}))
+        **{"head_dim": 8, "num_heads": 4, "chunk_size": 8, "n_groups": 1, **config}))
 
 
 @pytest.fixture
@@ -177,6 +179,190 @@ def test_an_unknown_module_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Hooked mixer inputs, all-or-nothing and repeatable mimetic_init_, deep copies, and the report
+
+def true_mixer_inputs(model, ids):
+    """What each block's mixer reads, by running transformers' blocks one at a time."""
+    h, inputs = model.backbone.embeddings(ids), []
+    for block in model.backbone.layers:
+        inputs.append(block.norm(h))
+        h = block(h)
+    return inputs
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mixer_inputs_are_each_blocks_true_input_where_hidden_states_are_off_by_one(version):
+    model, ids = hf_model(version, num_hidden_layers=4), torch.randint(0, VOCAB, (2, 9))
+    true, seen = true_mixer_inputs(model, ids), mixer_inputs(model, ids)
+    assert list(seen) == [0, 1, 2, 3] and all(torch.equal(seen[k], true[k]) for k in range(4))
+    hidden = model(ids, output_hidden_states=True).hidden_states  # transformers 5: entry k is block k's output
+    block = model.backbone.layers[3]
+    assert not torch.allclose(block.norm(hidden[3]), true[3], atol=1e-3)  # what the README used to map
+    mimetic_init_(model)
+    assert all(torch.equal(h, t) for h, t in zip(mixer_inputs(model, ids).values(), true_mixer_inputs(model, ids)))
+
+
+def test_mixer_inputs_of_our_hybrid_lm_include_its_attention_layer():
+    torch.manual_seed(0)
+    model = mimetic.LM(mimetic.ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=3, pattern="MAM", d_state=8))
+    ids, h, true = torch.randint(0, VOCAB, (2, 7)), None, []
+    h = model.embedding(ids)
+    for block in model.layers:
+        true.append(block.norm(h))
+        h = block(h)
+    seen = mixer_inputs(model, ids)
+    assert list(seen) == [0, 1, 2] and all(torch.equal(seen[k], true[k]) for k in range(3))
+    assert all(torch.equal(a, b) for a, b in zip(model.mixer_inputs(ids), true))
+    assert sorted(mimetic.mamba_layers(model)) == [0, 2]
+
+
+def test_mimetic_init_checks_every_layer_before_it_changes_one_and_names_the_users_class():
+    model = mimetic_init_(hf_model(2, time_step_limit=(0.0, 0.5)), dt=False)  # layers now ParametrizedMamba2Mixer
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^Mamba2Mixer clamps Δ to \(0.0, 0.5\): Δ = 1 is impossible"):
+        mimetic_init_(model, c=2.0, layers=[0, 1])
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    fresh = hf_model(2, time_step_limit=(0.0, 0.5))
+    before = {k: t.clone() for k, t in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="Δ = 1 is impossible"):
+        mimetic_init_(fresh)
+    assert fresh.state_dict().keys() == before.keys()  # no layer got its A_log parametrized
+    assert all(torch.equal(t, before[k]) for k, t in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_baking_a_deep_copy_leaves_the_original_mimetic_and_working(version):
+    model, ids = mimetic_init_(hf_model(version), c=2.0), torch.randint(0, VOCAB, (2, 9))
+    want = model(ids).logits.detach()
+    baked = bake_mimetic_A_(copy.deepcopy(model))  # torch shares the Parametrized… class with the copy
+    assert torch.equal(model(ids).logits, want)
+    assert torch.allclose(baked(ids).logits, want, atol=1e-6, rtol=0)
+    assert "backbone.layers.0.mixer.A_log" in baked.state_dict()
+    assert "backbone.layers.0.mixer.parametrizations.A_log.original" in model.state_dict()
+    twin = copy.deepcopy(model)
+    bake_mimetic_A_(model)  # and the other way round
+    assert torch.equal(twin(ids).logits, want)
+    assert type(twin.backbone.layers[0].mixer).__name__.startswith("Parametrized")  # still mimetic
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mimetic_init_twice_is_mimetic_init_once(version):
+    once, twice = mimetic_init_(hf_model(version)), mimetic_init_(mimetic_init_(hf_model(version)))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert once.state_dict().keys() == twice.state_dict().keys()
+    assert all(torch.equal(t, twice.state_dict()[k]) for k, t in once.state_dict().items())
+    assert torch.equal(once(ids).logits, twice(ids).logits)
+    mimetic_init_(copy.deepcopy(once))  # a deep copy remembers too
+    mimetic_init_(mimetic_init_(copy.deepcopy(once), layers=[1]), layers=[1])
+    assert all(torch.equal(t, once.state_dict()[k]) for k, t in mimetic_init_(copy.deepcopy(once)).state_dict().items())
+    with pytest.raises(ValueError, match=r"layers \[0, 0\] names a layer more than once"):
+        mimetic_init_(hf_model(version), layers=[0, 0])
+
+
+def test_mimetic_init_after_w_c_was_written_averages_it_again():
+    """Idempotent, not stuck: when something re-draws in_proj (transformers' init, or a user), W_C is averaged anew."""
+    model = mimetic_init_(hf_model(2))
+    mixer = model.backbone.layers[0].mixer
+    mixer.in_proj.reset_parameters()
+    W = mixer.in_proj.weight.detach().clone()
+    mimetic_init_(model)
+    torch.testing.assert_close(mixer.in_proj.weight[72:80], 0.5 * (W[72:80] + W[64:72]))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_report_moves_to_the_mimetic_side_and_shows_what_transformers_init_undoes(version):
+    """On 8 heads: transformers' Mamba 2 head 0 keeps A = −1 (A_log = log 1), which caps its mean mask at 7/8."""
+    model = hf_model(version, **({"num_heads": 8, "head_dim": 4} if version == 2 else {}))
+    ids = torch.randint(0, VOCAB, (2, 48))
+    default = mimetic_report(model, ids)
+    mimetic_init_(model)
+    mimetic, no_ids = mimetic_report(model, ids), mimetic_report(model)
+    for d, m, n in zip(default, mimetic, no_ids):
+        assert d["delta"] < 0.2 and abs(m["delta"] - 1) < 1e-6 and m["delta_std"] < 1e-6
+        assert n["delta"] == pytest.approx(1) and n["delta_std"] == 0
+        assert abs(d["bc_cos"]) < 0.3 and 0.55 < m["bc_cos"] < 0.85 and n["bc_cos"] == m["bc_cos"]
+        assert m["mask"] > d["mask"] + 0.05 and n["mask"] is None and m["A_bar"] > 0.8
+        assert d["conv_err"] > 0.5 and (m["conv_err"] == 0) == (version == 2)
+    model._init_weights(model.backbone.layers[0].mixer)  # transformers' own init: dt bias, conv and out_proj
+    reset = mimetic_report(model, ids)
+    assert reset[0]["delta"] < 0.2 and reset[0]["conv_err"] > 0.5 and reset[0]["bc_cos"] == mimetic[0]["bc_cos"]
+    assert reset[1] == mimetic[1]
+    again = mimetic_report(mimetic_init_(model), ids)  # a second mimetic_init_ sets it all again
+    assert [dict(r, conv_err=None) for r in again] == [dict(r, conv_err=None) for r in mimetic]  # Mamba 1: no conv
+    assert again[0]["conv_err"] == 0 if version == 2 else again[0]["conv_err"] == reset[0]["conv_err"]
+    table = format_report(no_ids).splitlines()
+    assert len(table) == 3 and table[0].split()[:3] == ["layer", "mask", "∏Ā"] and table[1].split()[:2] == ["0", "-"]
+
+
+@pytest.mark.parametrize("arch, steps", [("mamba1", 0), ("mamba2", 0),
+                                         pytest.param("mamba2", 60, marks=pytest.mark.long)])
+def test_report_tells_the_one_mimetic_layer_of_our_lm_from_the_others(arch, steps):
+    torch.manual_seed(0)
+    config = mimetic.ModelConfig(vocab_size=mimetic.task_vocab_size("copy", 8), d_model=32, n_layers=3, arch=arch,
+                                 headdim=16, d_state=16)
+    model = mimetic_init_(mimetic.LM(config), layers=[1])
+    opt, g = torch.optim.AdamW(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        inputs, targets = make_batch("copy", 16, 8, vocab_size=8, generator=g)
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    report = mimetic_report(model, make_batch("copy", 4, 16, vocab_size=8)[0])
+    others = [report[0], report[2]]
+    assert all(report[1]["mask"] > r["mask"] + 0.2 and report[1]["bc_cos"] > r["bc_cos"] + 0.3 for r in others), report
+    assert all(abs(report[1]["delta"] - 1) < 0.05 and r["delta"] < 0.1 for r in others), report
+
+
+def hf_mamba2_with(**attributes):
+    """A transformers Mamba 2 whose config is changed after transformers 5.24 validated it (5.23 did not)."""
+    config = transformers.Mamba2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, state_size=8, expand=2,
+                                       head_dim=8, num_heads=4, chunk_size=8, n_groups=1)
+    for name, value in attributes.items():
+        setattr(config, name, value)
+    return transformers.Mamba2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("attributes, message", [
+    (dict(num_heads=3), "3 heads × head_dim 8 for d_inner 32 and 1 groups"),
+    (dict(n_groups=3), "4 heads × head_dim 8 for d_inner 32 and 3 groups"),
+])
+def test_impossible_head_layouts_are_clear_errors(attributes, message):
+    model = hf_mamba2_with(**attributes)
+    with pytest.raises(RuntimeError):
+        model(torch.randint(0, VOCAB, (1, 8)))  # transformers itself cannot run it
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"^Mamba2Mixer has {message}"):
+        mimetic_init_(model)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    with pytest.raises(ValueError, match=message):
+        attention_map(model.backbone.layers[0].mixer, torch.randn(1, 8, 16))
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "attention"])
+def test_maps_are_fp32_under_bf16_weights_and_under_bf16_autocast(kind):
+    torch.manual_seed(0)
+    if kind == "attention":
+        layer = mimetic.Attention(16, n_heads=2)
+    else:
+        layer = mimetic_init_(hf_model(1 if kind == "mamba1" else 2)).backbone.layers[0].mixer
+    h = torch.randn(2, 12, 16)
+    want = attention_map(layer, h).detach()
+    assert want.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = attention_map(layer, h)
+    bf16 = attention_map(copy.deepcopy(layer).bfloat16(), h.bfloat16()).detach()
+    for got in (autocast, bf16):
+        assert got.dtype == torch.float32 and rel_err(got, want) < 0.05, rel_err(got, want)
+    if kind != "attention":  # under autocast the projections are bf16, as in the layer's forward; Eq. 8 is fp32
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            params, mask = mimetic.ssm_params(layer, h), mimetic.attention_mask(layer, h)
+        assert torch.equal(autocast, mimetic.ssm_matrix(*params).mean(1)) and mask.dtype == torch.float32
+        assert mimetic.attention_mask(copy.deepcopy(layer).bfloat16(), h.bfloat16()).dtype == torch.float32
+    assert attention_map(copy.deepcopy(layer).double(), h.double()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------
 # mamba_ssm: stand-ins with its names and shapes (its modules need CUDA to run)
 
 class Mamba(nn.Module):  # named as mamba_ssm's classes are, which is how mimetic_init_ knows them
@@ -207,6 +393,7 @@ class Mamba2(nn.Module):
         self.d_inner = expand * d_model
         self.d_ssm = self.d_inner if d_ssm is None else d_ssm
         self.d_state, self.ngroups, self.nheads, self.dt_limit = d_state, ngroups, self.d_ssm // headdim, dt_limit
+        self.headdim = headdim
         d_mlp = self.d_inner - self.d_ssm
         conv_dim = self.d_ssm + 2 * ngroups * d_state
         self.in_proj = nn.Linear(d_model, 2 * d_mlp + self.d_ssm + conv_dim + self.nheads, bias=bias)
@@ -253,6 +440,13 @@ def test_mamba_ssm_mamba1_keeps_no_weight_decay_on_its_raw_A_log():
     torch.testing.assert_close(layer.A_log, -8.0 * torch.log(torch.arange(1, 9.0)).repeat(32, 1))
     assert layer.dt_proj.weight.abs().sum() == 0 and layer.conv1d.weight[:, 0, :-1].abs().sum() > 0  # conv: Mamba 1 off
     assert bake_mimetic_A_(layer).A_log._no_weight_decay
+
+
+def test_an_impossible_mamba_ssm_head_layout_is_a_clear_error():
+    layer = Mamba2(ngroups=1)
+    layer.headdim = 4  # its 4 heads of 4 channels cannot fill d_ssm = 32
+    with pytest.raises(ValueError, match="^Mamba2 has 4 heads × head_dim 4 for d_inner 32 and 1 groups"):
+        mimetic_init_(layer)
 
 
 def test_a_dt_limit_below_one_makes_delta_one_impossible_and_the_maps_clamp_as_the_layer_does():
@@ -302,6 +496,20 @@ def test_gpu_real_mamba_ssm_modules():
 # train.py --pretrained (§6): the loading path, on a tiny random model saved to a folder
 
 @pytest.mark.long
+def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
+    import figures
+    import train
+    hf_model(1, num_hidden_layers=3).save_pretrained(tmp_path)
+    args = train.build_parser().parse_args(["--pretrained", str(tmp_path), "--vocab-size", "4"])
+    c = train.resolve_config(vars(args))
+    model, inputs = train.Pretrained(c), train.example_inputs(c)
+    true = true_mixer_inputs(model.model, model.ids[inputs])
+    for (amap, mask), block, h in zip(figures.attention_panels(model, inputs), model.layers, true, strict=True):
+        assert torch.equal(torch.from_numpy(amap), attention_map(block.mixer, h)[0].detach())
+        assert torch.equal(torch.from_numpy(mask), mimetic.attention_mask(block.mixer, h)[0].detach())
+
+
+@pytest.mark.long
 def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_layers(tmp_path, capsys):
     import train
     teacher = tmp_path / "teacher"
@@ -311,8 +519,10 @@ def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_la
     for name, extra in (("finetune", []), ("mimetic", ["--mimetic"]), ("student", ["--teacher-layer", "1",
                                                                                     "--n-layers", "3"])):
         train.main([*tiny, *extra, "--out", str(tmp_path / name)])
-        for output in ("done", "attention_init.png", "attention_final.png", "checkpoint.pt"):
+        for output in ("done", "attention_init.png", "attention_final.png", "checkpoint.pt", "report_final.json"):
             assert (tmp_path / name / output).exists(), (name, output)
+    report = json.loads((tmp_path / "mimetic" / "report_init.json").read_text())
+    assert [r["layer"] for r in report] == [0, 1] and all(abs(r["delta"] - 1) < 1e-6 for r in report)
     c = train.resolve_config({**vars(train.build_parser().parse_args(tiny)), "teacher_layer": 1, "n_layers": 3})
     student, source = train.Pretrained(c), hf_model(1).backbone.layers[1]
     assert len(student.layers) == 3 and all(torch.equal(block.mixer.in_proj.weight, source.mixer.in_proj.weight)

@@ -44,8 +44,11 @@ def kill_when(args, out, appears):
 
 def check_run_folder(out, stdout, mimetic):
     for name in ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "accuracy.png",
-                 "attention_init.png", "attention_final.png", "done"):
+                 "attention_init.png", "attention_final.png", "report_init.json", "report_final.json", "done"):
         assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report_init.json").read_text())  # mimetic_report of each Mamba layer at init
+    assert [r["layer"] for r in report] == [0, 1] and all((abs(r["delta"] - 1) < 1e-6) == mimetic for r in report)
+    assert "how mimetic each Mamba layer is at init" in stdout and "how mimetic each Mamba layer is at step 6" in stdout
     rows = rows_of(out)
     assert [r["step"] for r in rows] == [0, 3, 6]
     assert set(rows[-1]["exact_match"]) == {"4", "8", "16"} == set(rows[-1]["token_acc"]) == set(rows[-1]["string_acc"])

@@ -9,11 +9,12 @@
     python train.py plot runs/A runs/B --out cmp.png   # overlay runs (mean ± std over the seeds a folder holds)
 
 A run folder gets config.json, metrics.jsonl / metrics.csv (one row per eval), checkpoint.pt (every
---checkpoint-every steps and at the end), accuracy.png (dotted: train length, solid: longer) and
+--checkpoint-every steps and at the end), accuracy.png (dotted: train length, solid: longer),
 attention_init.png / attention_final.png (each layer's average attention map and mask ∏Ā, §2 of
-Trockman et al. 2024). The same command again resumes an unfinished run from its last checkpoint, and a
-sweep skips finished runs. Ctrl-C (or SIGTERM) stops at the next step boundary and writes it all; a loss
-that turns NaN or Inf marks the run failed.
+Trockman et al. 2024) and report_init.json / report_final.json (how mimetic each Mamba layer is:
+mimetic_report on the maps' example, also printed). The same command again resumes an unfinished run from
+its last checkpoint, and a sweep skips finished runs. Ctrl-C (or SIGTERM) stops at the next step boundary
+and writes it all; a loss that turns NaN or Inf marks the run failed.
 
 The defaults are the CPU main job: a 2-layer Mamba 2 (d_model 64, N 128) copying strings of 2–16 of 64
 tokens for 4000 steps, evaluated at lengths 16, 32 and 64. --preset NAME sets the paper's setups (§3–§5),
@@ -39,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import figures
-from mimetic import (COPY_TASKS, LM, TASK_VOCAB, TASKS, ModelConfig, evaluate, make_batch, mimetic_init_,
-                     task_vocab_size)
+from mimetic import (COPY_TASKS, LM, TASK_VOCAB, TASKS, ModelConfig, evaluate, format_report, make_batch,
+                     mimetic_init_, mimetic_report, task_vocab_size)
 
 PARTS = ("A", "dt", "bc", "conv")
 ARCHS = ("mamba1", "mamba2", "attention", "linear")
@@ -416,10 +417,6 @@ class Pretrained(nn.Module):
     def layers(self):  # blocks with .norm and .mixer, as LM's
         return self.model.backbone.layers
 
-    def mixer_inputs(self, input_ids):
-        hidden = self.model(self.ids[input_ids], output_hidden_states=True).hidden_states  # each block's input
-        return [block.norm(h) for block, h in zip(self.layers, hidden)]
-
     def forward(self, input_ids):
         return self.model(self.ids[input_ids]).logits[..., self.ids]
 
@@ -623,6 +620,8 @@ class Run:
             write_metrics(out, self.progress["rows"], c["eval_lens"])  # a resumed run drops rows after its checkpoint
             if not self.resumed:
                 self.plot_attention("at init", "attention_init.png")
+        if not self.resumed:
+            self.report("at init", "report_init.json")
         if not self.progress["rows"]:
             self.log_eval()  # the init point of the accuracy curves
 
@@ -671,6 +670,14 @@ class Run:
             batches=self.batches.get_state(), rng=torch.get_rng_state(), config=self.c,
             run={**self.progress, "wall_time": self.elapsed()}))
 
+    def report(self, when, name):
+        """Print how mimetic each Mamba layer is (mimetic_report on the attention maps' example), save it as `name`."""
+        rows = mimetic_report(self.model, example_inputs(self.c).to(self.device))
+        if rows:
+            print(f"how mimetic each Mamba layer is {when}:\n{format_report(rows)}", flush=True)
+        if rows and self.out:
+            (self.out / name).write_text(json.dumps(rows, indent=2))
+
     def plot_attention(self, when, name):
         panels = figures.attention_panels(self.model, example_inputs(self.c).to(self.device))
         figures.plot_attention(panels, f"{run_name(self.c)} {when}", self.out / name)
@@ -689,6 +696,7 @@ class Run:
                   f"interrupted at step {stopped}; the same command resumes from there", flush=True)
             final = final if final["step"] == stopped else self.evaluate()
         print_table(final, c["train_len"])
+        self.report(f"at step {self.step}", "report_final.json")
         if not out:
             return final
         if final is not rows[-1]:
