@@ -1,6 +1,6 @@
 """train.py — train Mamba, hybrids and attention baselines on the recall tasks, with or without mimetic init.
 
-    python train.py --task copy --mimetic              # the main job: about 75 s on one CPU thread
+    python train.py --task copy --mimetic              # the main job: about 2 minutes on a 2-core CPU
     python train.py --task copy                        # the same model with the default init, for contrast
     python train.py --preset fig1 --scale cpu --sweep  # a paper setup at the main job's size: configs × seeds
     python train.py --preset fig1 --dry-run            # every run of the paper-sized grid and its size; no training
