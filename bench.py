@@ -5,6 +5,7 @@
     python bench.py --only step --preset fig1 --scale paper   # the step of a train.py preset's first config
     python bench.py --only scans --device cuda # the scan table on a GPU, against mamba_ssm's CUDA kernels
     python bench.py --only sweep               # a small sweep by one process, then by torchrun's two
+    python bench.py --only threads             # train.py's default threads vs 1 and all cores, quiet and busy
 
 step:   one training step (forward, backward, AdamW) of a whole model on the batches training draws (by
         default the main job's: copy strings of 2-16 of 64 tokens, batch 32), for Mamba 2 and Mamba 1.
@@ -12,7 +13,8 @@ step:   one training step (forward, backward, AdamW) of a whole model on the bat
         torch.compile(dynamic=True) (compile time excluded), this repository at --against, and Hugging
         Face transformers' Mamba2ForCausalLM / MambaForCausalLM of the same sizes (their torch paths).
         Each runs in a worker process of its own, in interleaved rounds; a cell is the median over rounds
-        of the mean step time over the same fixed batches.
+        of the mean step time over the same fixed batches. "loss" is the last step's: the same model on the
+        same batches gives the same loss whatever the speed.
 mixer:  one sequence-mixing layer, forward + backward, ours vs Hugging Face's mixer with the same weights.
 scans:  kernels.py's backends against the reference loop, and mamba_ssm's CUDA kernels on a GPU.
 Peers that are not installed are named as such. Ratios are contender / ours: above 1 means slower.
@@ -58,10 +60,14 @@ def _hf_model(m):
 
 def _worker(spec):
     """Time spec["contender"]'s training step on the batches in spec["batches"] (a file the parent wrote);
-    prints {"ms": mean ms per step}. The first three batches (all of them for torch.compile) warm up."""
+    prints {"ms": mean ms per step, "loss": the last step's loss}. The first three batches (all of them for
+    torch.compile) warm up. threads None: train.py's default."""
     sys.path.insert(0, spec["code"])
     import dataclasses
     import mimetic
+    if spec["threads"] is None:
+        import train
+        spec["threads"] = train.default_threads()
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     m, device = spec["model"], torch.device(spec["device"])
@@ -82,6 +88,7 @@ def _worker(spec):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return loss
 
     for inputs, targets in (batches if spec["contender"] == "compile" else batches[:3]):  # warm-up (and compile)
         step(inputs, targets)
@@ -89,9 +96,10 @@ def _worker(spec):
     sync()
     start = time.perf_counter()
     for inputs, targets in batches:
-        step(inputs, targets)
+        loss = step(inputs, targets)
     sync()
-    print(json.dumps({"ms": 1e3 * (time.perf_counter() - start) / len(batches)}))
+    print(json.dumps({"ms": 1e3 * (time.perf_counter() - start) / len(batches), "loss": loss.item(),
+                      "threads": spec["threads"]}))
 
 
 def _step_config(args, arch):
@@ -130,7 +138,7 @@ def bench_step(args):
         g = torch.Generator().manual_seed(0)
         batches = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name  # the same batches for every contender
         torch.save([train.training_batch(c, g) for _ in range(args.steps)], batches)
-        times = {names[k]: [] for k in chosen}
+        times, losses = {names[k]: [] for k in chosen}, {}
         for _ in range(args.rounds):
             for k in chosen:
                 name = names[k]
@@ -140,14 +148,17 @@ def bench_step(args):
                                       text=True, env={**os.environ, "PYTHONPATH": ""})
                 if done.returncode:
                     sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
-                times[name].append(json.loads(done.stdout.strip().splitlines()[-1])["ms"])
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                times[name].append(result["ms"])
+                losses[name] = result["loss"]
         ours = statistics.median(times["ours"])
         rows = f"rows packed to {c['pack']} tokens" if c["pack"] else f"{c['task']} examples"
         print(f"\n## training step, {arch}: {label}; batches of {c['batch_size']} {rows}, lengths "
               f"{c['min_train_len']}-{c['train_len']}; {args.steps} steps × {args.rounds} rounds")
-        print("| contender | ms / step | × ours |\n|---|---:|---:|")
+        print("| contender | ms / step | × ours | loss |\n|---|---:|---:|---:|")
         for name, values in times.items():
-            print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / ours:.2f} |")
+            print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / ours:.2f} | "
+                  f"{losses[name]:.5f} |")
     if missing:
         print(f"\nnot installed, not timed: {', '.join(missing)}")
 
@@ -175,6 +186,56 @@ def bench_sweep(args):
     one = next(iter(times.values()))
     for label, seconds in times.items():
         print(f"| {label} | {seconds:.0f} | {seconds / one:.2f} |")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threads: train.py's default against one thread and every core, on a quiet machine and with one core busy
+
+def bench_threads(args):
+    """The main job's step (Mamba 2) with --threads 1, with every core (torch's default), with every core
+    and OMP's passive wait policy, and with train.py's default, interleaved; then the same while a spinning
+    process keeps one core busy. The rule train.py's default must meet: with one core busy at most 1.3×
+    --threads 1, and on a quiet machine no slower than --threads 1."""
+    import train
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _, c = _step_config(args, "mamba2")
+    batches = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name
+    g = torch.Generator().manual_seed(0)
+    torch.save([train.training_batch(c, g) for _ in range(args.steps)], batches)
+    contenders = {"--threads 1": (1, {}), f"{cores} threads (torch's default)": (cores, {}),
+                  f"{cores} threads, OMP_WAIT_POLICY=PASSIVE": (cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
+                  "train.py's default": (None, {"OMP_WAIT_POLICY": "PASSIVE"})}  # as train.py sets it
+    print(f"\n## threads: the main job's training step; {args.steps} steps × {args.rounds} rounds, {cores} cores")
+    print("| machine | threads | ms / step | × --threads 1 |\n|---|---|---:|---:|")
+    for busy in (False, True):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        times, chosen = {name: [] for name in contenders}, None
+        try:
+            time.sleep(1.0 if busy else 0)  # let the spinner take its core before train.py looks for free ones
+            for _ in range(args.rounds):
+                for name, (threads, env) in contenders.items():
+                    spec = dict(code=HERE, contender="ours", model=train.model_config_kwargs(c), mimetic=c["mimetic"],
+                                batches=batches, threads=threads, device="cpu")
+                    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
+                    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                          text=True, env={**clean, **env})
+                    if done.returncode:
+                        sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                    times[name].append(result["ms"])
+                    chosen = result["threads"] if threads is None else chosen
+        finally:
+            if spinner:
+                spinner.kill()
+        one = statistics.median(times["--threads 1"])
+        for name, values in times.items():
+            label = f"{name} ({chosen})" if name == "train.py's default" else name
+            print(f"| {'one core busy' if busy else 'as it is'} | {label} | {statistics.median(values):.1f} | "
+                  f"{statistics.median(values) / one:.2f} |")
+        ratio = statistics.median(times["train.py's default"]) / one
+        if busy:
+            print(f"\nrule, one core busy: train.py's default ≤ 1.3× --threads 1: {'yes' if ratio <= 1.3 else 'NO'} "
+                  f"({ratio:.2f}×)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,7 +380,7 @@ def main(argv=None):
     head, _, tail = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(description=head, epilog=tail,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("step", "mixer", "scans", "sweep"),
+    parser.add_argument("--only", choices=("step", "mixer", "scans", "sweep", "threads"),
                         help="one section (default: step, mixer and scans)")
     parser.add_argument("--nproc", type=int, default=2, help="sweep: torchrun's processes (default: %(default)s)")
     parser.add_argument("--sweep-steps", type=int, default=400, help="sweep: steps per run (default: %(default)s)")
@@ -341,9 +402,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"# bench.py on {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{time.strftime('%Y-%m-%d')}")
-    sections = (("step", bench_step), ("mixer", bench_mixers), ("scans", bench_scans), ("sweep", bench_sweep))
+    sections = (("step", bench_step), ("mixer", bench_mixers), ("scans", bench_scans), ("sweep", bench_sweep),
+                ("threads", bench_threads))
     for name, section in sections:
-        if args.only == name or args.only is None and name != "sweep":
+        if args.only == name or args.only is None and name not in ("sweep", "threads"):
             section(args)
 
 

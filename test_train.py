@@ -517,3 +517,27 @@ def test_mimetic_beats_default_on_the_cpu_main_job():
     assert mimetic["exact_match"]["16"] >= 0.9
     assert mimetic["exact_match"]["32"] >= default["exact_match"]["32"] + 0.3
     assert math.isfinite(mimetic["loss"])
+
+
+def test_default_threads_are_the_free_cores(monkeypatch):
+    """4 allowed cores; over the sample, one core's worth of ticks is busy: 3 threads, 1 each for 2 torchrun
+    processes (3 // 2); all 4 busy: still 1. Without /proc/stat: every allowed core."""
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(train.time, "sleep", lambda s: None)
+
+    def proc_stat(busy_ticks):  # user nice system idle iowait irq softirq steal: 400 ticks = 4 cores × 100
+        lines = iter([f"cpu  0 0 0 400 0 0 0 0\ncpu0 ...", f"cpu  {busy_ticks} 0 0 {800 - busy_ticks} 0 0 0 0\n"])
+        monkeypatch.setattr(train.Path, "read_text", lambda self: next(lines))
+
+    proc_stat(busy_ticks=100)
+    assert train.free_cores() == 3
+    proc_stat(busy_ticks=100)
+    assert train.default_threads(2) == 1
+    proc_stat(busy_ticks=400)
+    assert train.free_cores() == 1
+
+    def missing(self):
+        raise FileNotFoundError("/proc/stat")
+    monkeypatch.setattr(train.Path, "read_text", missing)
+    assert train.free_cores() == 4

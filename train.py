@@ -1,6 +1,6 @@
 """train.py — train Mamba, hybrids and attention baselines on the recall tasks, with or without mimetic init.
 
-    python train.py --task copy --mimetic              # the main job: about 75 s on one CPU thread
+    python train.py --task copy --mimetic              # the main job: about 2 minutes on a 2-core CPU
     python train.py --task copy                        # the same model with the default init, for contrast
     python train.py --preset fig1 --scale cpu --sweep  # a paper setup at the main job's size: configs × seeds
     python train.py --preset fig1 --dry-run            # every run of the paper-sized grid and its size; no training
@@ -35,6 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+# Idle OpenMP threads sleep instead of spinning (read once, as torch loads): with spinning, a step on 2 threads
+# while another process keeps one core busy was 16-40× slower than on 1 (bench.py --only threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -255,7 +258,8 @@ OPTIONS = [
     ("seeds", None, int_list, "comma-separated seeds (a sweep); default: --seed"),
     ("device", "auto", str, "auto, cpu or cuda"),
     ("dtype", "fp32", str, "fp32 or bf16 (bf16 autocast, CUDA only)"),
-    ("threads", None, int, "torch.set_num_threads (default: torch's choice; under torchrun: cores / processes)"),
+    ("threads", None, int, "torch.set_num_threads (default: the cores no other process keeps busy; under "
+     "torchrun: those / processes)"),
     ("out", None, str, "run folder (default: runs/<task>_<arch>_<init>_s<seed>, or runs/<preset>_<scale> for sweeps)"),
     ("preset", None, str, "the paper's setups (your flags override): "
      + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
@@ -456,6 +460,31 @@ def build_optimizer(model, c):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
+def free_cores(sample_s=0.2):
+    """The cores this process may run on (os.sched_getaffinity) that other processes are not keeping busy
+    now, from the idle time in /proc/stat over sample_s seconds; at least 1. Elsewhere than Linux: all."""
+    total = os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+
+    def idle_and_all():  # /proc/stat's first line: cpu user nice system idle iowait irq softirq steal, in ticks
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return ticks[3] + ticks[4], sum(ticks)
+
+    try:
+        (idle0, all0), _, (idle1, all1) = idle_and_all(), time.sleep(sample_s), idle_and_all()
+    except OSError:
+        return allowed
+    busy = total * (1 - (idle1 - idle0) / max(all1 - all0, 1))
+    return max(1, min(allowed, round(total - busy)))
+
+
+def default_threads(local_processes=1):
+    """Intra-op threads without --threads: the free cores, shared among torchrun's processes on this machine.
+    Not torch's default (every core): when another process keeps one core busy, each of a step's ~1000 ops
+    waits for its descheduled thread, and the main job took 692 s instead of 130 s (README, Speed)."""
+    return max(1, free_cores() // local_processes)
+
+
 def training_batch(c, g):
     """One batch: with --pack, Jelassi et al.'s packed rows; else batch_size examples of one length drawn
     from [min_train_len, train_len]."""
@@ -578,8 +607,7 @@ class Run:
     def __init__(self, config):
         self.c, self.out = resolve_config(config), Path(config["out"]) if config.get("out") else None
         c = self.c
-        if c["threads"]:
-            torch.set_num_threads(c["threads"])
+        torch.set_num_threads(c["threads"] or default_threads())
         self.device = torch.device(c["device"])
         torch.manual_seed(c["seed"])
         self.model = build_model(c).to(self.device)
@@ -854,7 +882,7 @@ def run_sweep(runs, out, names, title):
     for folder, c in pending[rank::world]:
         if world > 1:
             c = dict(c, device=f"cuda:{local_rank}" if c["device"] == "cuda" else "cpu",
-                     threads=c["threads"] or max(1, (os.cpu_count() or 1) // local_world))
+                     threads=c["threads"] or default_threads(local_world))
         print(f"=== {folder}" + (f" (rank {rank} of {world})" if world > 1 else ""), flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "trained_by", "a") as f:
