@@ -1,8 +1,12 @@
 """kernels.py: every backend of selective_scan and ssd_scan against the reference loop, gradients included,
 and clear errors on bad input. The Triton kernels run in Triton's interpreter on a machine without a GPU."""
+import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
+import types
+import warnings
 
 import pytest
 import torch
@@ -292,6 +296,80 @@ def test_kernels_imports_without_triton():
             "torch.randn(1, 4, 3), torch.randn(1, 4, 3)); assert y.shape == (1, 2, 3) and y.isfinite().all()")
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_kernels_imports_with_a_triton_older_than_3_4(monkeypatch):
+    """Triton < 3.4 has no triton.knobs: the interpreter switch is then read from TRITON_INTERPRET."""
+    if kernels.triton is None:
+        pytest.skip("needs triton")
+    old = types.ModuleType("triton")
+    old.__dict__.update({k: v for k, v in vars(kernels.triton).items() if k != "knobs"})
+    monkeypatch.setitem(sys.modules, "triton", old)
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        spec = importlib.util.spec_from_file_location("kernels_on_old_triton", os.path.join(HERE, "kernels.py"))
+        fresh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh)
+        assert fresh.triton is old and fresh._INTERPRETED == (interpret == "1")
+
+
+@needs_triton
+@pytest.mark.long
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """Each Triton launch, forward and backward, runs under a guard that makes the tensors' GPU current
+    (under torchrun, rank k's tensors are on cuda:k while Triton launches on the current device)."""
+    guarded = []
+
+    @contextlib.contextmanager
+    def record(t):
+        guarded.append(t.device)
+        yield
+    monkeypatch.setattr(kernels, "_on_device", record)
+    run_scan(scan_inputs(L=8), "triton")
+    assert guarded == [torch.device("cpu")] * 2
+    rank_1 = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda:1"))
+    monkeypatch.undo()
+    assert kernels._on_device(rank_1).idx == 1
+
+
+def auto_on_cpu(monkeypatch):
+    """SCAN_BACKEND "auto" trying Triton on this CPU (in the interpreter) as it would on a GPU."""
+    monkeypatch.setattr(kernels, "AUTO_TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(kernels, "_auto_choice", {})
+
+
+@needs_triton
+def test_auto_backend_falls_back_to_torch_once_when_triton_raises(monkeypatch):
+    auto_on_cpu(monkeypatch)
+    x = scan_inputs(L=8)
+    want = kernels.selective_scan(**x, delta_softplus=True, backend="torch")
+    kernels._auto_choice[torch.device("cpu")] = "triton"  # the self-check passed; a later launch fails
+
+    def fails(*args):
+        raise RuntimeError("ptxas fatal: out of registers")
+    monkeypatch.setattr(kernels._SelectiveScanTriton, "apply", fails)
+    with pytest.warns(UserWarning, match="out of registers.*using the torch backend"):
+        assert torch.equal(kernels.selective_scan(**x, delta_softplus=True), want)
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "torch", "ssd_scan": "torch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: later calls go straight to torch
+        assert torch.equal(kernels.selective_scan(**x, delta_softplus=True), want)
+    with pytest.raises(RuntimeError, match="out of registers"):  # asked for by name: no fallback
+        kernels.selective_scan(**x, backend="triton")
+    kernels._auto_choice.clear()  # a device's first call: the self-check meets the failure
+    with pytest.warns(UserWarning, match="out of registers"):
+        assert kernels.backends_in_use("cpu")["selective_scan"] == "torch"
+
+
+@needs_triton
+@pytest.mark.long
+def test_auto_backend_takes_triton_after_its_self_check_passes(monkeypatch):
+    auto_on_cpu(monkeypatch)
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "triton", "ssd_scan": "torch"}
+    monkeypatch.setattr(kernels, "SCAN_BACKEND", "triton")
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "triton", "ssd_scan": "triton"}
+    monkeypatch.setattr(kernels, "SCAN_BACKEND", "torch")
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "torch", "ssd_scan": "torch"}
 
 
 # ----------------------------------------------------------------------------- the GPU compiler, on a CPU
