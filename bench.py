@@ -365,7 +365,7 @@ def check_scans(c_by_kind, device):
     import kernels
     triton_ok = kernels.triton is not None and (device.type == "cuda" or kernels._INTERPRETED)
     print("\n## scans against the reference loop, forward and backward: largest relative error of y and the "
-          "gradients\n| scan (shape) | dtype | backend | rel. error | tolerance | ok |\n|---|---|---|---:|---:|---|")
+          "gradients\n| scan (shape) | dtype | backend | rel. error | tolerance | result |\n|---|---|---|---:|---:|---|")
     ok, gen = True, torch.Generator().manual_seed(0)
     for kind, c in c_by_kind.items():
         scan = kernels.selective_scan if kind == "mamba1" else kernels.ssd_scan
