@@ -6,6 +6,12 @@
     python bench.py --only scans --device cuda # the scan table on a GPU, against mamba_ssm's CUDA kernels
     python bench.py --only sweep               # a small sweep by one process, then by torchrun's two
     python bench.py --only threads             # train.py's default threads vs 1 and all cores, quiet and busy
+    python bench.py --check                    # first thing on a GPU: backends correct? step times, grid estimates
+
+check:  every scan backend usable here against the reference loop (forward and backward, fp32 and bf16) at
+        the fig1 preset's Mamba 1 and Mamba 2 shapes; train.py's training step timed for each architecture;
+        and each preset's grid time on this device and on --devices of them, estimated from those step
+        times. Paper scale on a GPU, the cpu scale on a CPU (--scale to choose). Exit status 1 if a check fails.
 
 step:   one training step (forward, backward, AdamW) of a whole model on the batches training draws (by
         default the main job's: copy strings of 2-16 of 64 tokens, batch 32), for Mamba 2 and Mamba 1.
@@ -76,6 +82,8 @@ def _worker(spec):
         forward = lambda inputs: model(inputs).logits
     else:
         mimetic.use_kernels = spec["contender"] != "loop"  # "rev": the revision's own mimetic.py, as it is
+        if hasattr(getattr(mimetic, "kernels", None), "SCAN_BACKEND"):  # older revisions have no such setting
+            mimetic.kernels.SCAN_BACKEND = spec["scan_backend"]
         fields = {f.name for f in dataclasses.fields(mimetic.ModelConfig)}  # an older revision knows fewer
         model = mimetic.LM(mimetic.ModelConfig(**{k: v for k, v in m.items() if k in fields and v is not None}))
         model = (mimetic.mimetic_init_(model) if spec["mimetic"] else model).to(device)
@@ -143,7 +151,8 @@ def bench_step(args):
             for k in chosen:
                 name = names[k]
                 spec = dict(code=revision_dir if k == "rev" else HERE, contender=k, model=train.model_config_kwargs(c),
-                            mimetic=c["mimetic"], batches=batches, threads=args.threads, device=args.device)
+                            mimetic=c["mimetic"], batches=batches, threads=args.threads, device=args.device,
+                            scan_backend=args.scan_backend)
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                       text=True, env={**os.environ, "PYTHONPATH": ""})
                 if done.returncode:
@@ -376,12 +385,155 @@ def bench_scans(args):
         print("\nmamba_ssm not installed: no CUDA reference timed")
 
 
+# ----------------------------------------------------------------------------------------------------
+# --check: what a GPU user runs first
+
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative error against the fp32 reference loop
+
+
+def _scan_check_inputs(kind, c, dtype, device, gen):
+    """Inputs of kernels.selective_scan (Mamba 1) or ssd_scan (Mamba 2) at config c's layer and batch shape."""
+    import mimetic
+    import train
+    length = c["pack"] - 1 if c["pack"] else mimetic.make_batch(c["task"], 1, c["train_len"], vocab_size=c[
+        "vocab_size"], seq_len=train.mqar_seq_len(c, c["train_len"]))[0].shape[1]
+    b, D, N = c["batch_size"], c["expand"] * c["d_model"], c["d_state"]
+    act = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
+    par = lambda t: t.to(device)  # parameters stay fp32, as in the model under autocast
+    if kind == "mamba1":
+        dt = torch.empty(D).uniform_(1e-3, 0.1, generator=gen)
+        return (b, D, N, length), dict(u=act(b, D, length), delta=act(b, D, length, scale=0.1),
+                                       A=par(-torch.arange(1.0, N + 1).repeat(D, 1)), B=act(b, N, length),
+                                       C=act(b, N, length), D=par(torch.ones(D)), z=act(b, D, length),
+                                       delta_bias=par(torch.log(torch.expm1(dt))))
+    H, P = D // c["headdim"], c["headdim"]
+    dt = torch.empty(H).uniform_(1e-3, 0.1, generator=gen)
+    return (b, length, H, P, N), dict(x=act(b, length, H, P), dt=act(b, length, H, scale=0.1),
+                                      A=par(-torch.rand(H, generator=gen) * 16), B=act(b, length, 1, N),
+                                      C=act(b, length, 1, N), D=par(torch.ones(H)), dt_bias=par(torch.log(
+                                          torch.expm1(dt))))
+
+
+def _outputs_and_grads(fn, inputs):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y = fn(**leaves)
+    y.float().square().sum().backward()
+    return [y] + [leaves[k].grad for k in inputs]
+
+
+def check_scans(c_by_kind, device):
+    """Each usable backend against the reference loop in fp32 on the same (rounded) inputs; False if one fails."""
+    import kernels
+    triton_ok = kernels.triton is not None and (device.type == "cuda" or kernels._INTERPRETED)
+    print("\n## scans against the reference loop, forward and backward: largest relative error of y and the "
+          "gradients\n| scan (shape) | dtype | backend | rel. error | tolerance | result |\n|---|---|---|---:|---:|---|")
+    ok, gen = True, torch.Generator().manual_seed(0)
+    for kind, c in c_by_kind.items():
+        scan = kernels.selective_scan if kind == "mamba1" else kernels.ssd_scan
+        extra = dict(delta_softplus=True) if kind == "mamba1" else dict(dt_softplus=True, chunk_size=64)
+        for dtype in (torch.float32, torch.bfloat16):
+            shape, inputs = _scan_check_inputs(kind, c, dtype, device, gen)
+            want = _outputs_and_grads(lambda **kw: scan(**kw, **extra, backend="ref"),
+                                      {k: v.float() for k, v in inputs.items()})
+            for backend in ("torch", "triton") if triton_ok else ("torch",):
+                got = _outputs_and_grads(lambda **kw: scan(**kw, **extra, backend=backend), inputs)
+                err = max(((g.float() - w).norm() / w.norm()).item() for g, w in zip(got, want))
+                passed = err <= CHECK_TOL[dtype]
+                ok &= passed
+                print(f"| {scan.__name__} {shape} | {str(dtype)[6:]} | {backend} | {err:.1e} | {CHECK_TOL[dtype]:g} | "
+                      f"{'ok' if passed else 'FAILED'} |", flush=True)
+    if not triton_ok:
+        print(f"triton: not usable on {device} (needs CUDA, or TRITON_INTERPRET=1 for its interpreter); not checked")
+    return ok
+
+
+def _time_run(c, device, steps, warmup=2):
+    """(ms per training step, ms per evaluation) of train.py's Run for config c, as training runs it; the
+    evaluation timed on one batch per length, times --eval-batches."""
+    import train
+    run = train.Run(dict(c, device=str(device), out=None))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):  # Triton's compile, the allocator, caches
+        run.train_step()
+    run.read_losses()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run.train_step()
+    run.read_losses()  # waits for the GPU
+    step_ms = 1e3 * (time.perf_counter() - start) / steps
+    start = time.perf_counter()
+    train.evaluate_lengths(run.model, dict(run.c, eval_batches=1), run.device)
+    sync()
+    return step_ms, 1e3 * (time.perf_counter() - start) * c["eval_batches"]
+
+
+def check(args):
+    import train
+    device = torch.device(args.device)
+    scale = args.scale or ("paper" if device.type == "cuda" else "cpu")
+    steps = args.steps or (5 if device.type == "cuda" else 2)
+    everything = list(train.presets(scale))
+    presets = everything if args.presets == "all" else args.presets.split(",") if args.presets else (
+        everything if device.type == "cuda" else ["fig1"])  # on a CPU: one grid, in seconds
+    extra = dict(scan_backend=args.scan_backend, threads=args.threads)
+    first = {}  # the first config of each architecture (layer pattern) over the presets
+    for preset, (_, shared, configs) in train.presets(scale).items():
+        for flags in configs.values():
+            c = train.resolve_config({**shared, **flags, "device": "cpu"})
+            if not c["pretrained"]:
+                first.setdefault(c["pattern"] or c["arch"], (preset, c))
+    ok = check_scans({kind: first[kind][1] for kind in ("mamba1", "mamba2")}, device)
+    print(f"\n## training step (forward, backward, AdamW; train.py's Run), {scale} scale, {steps} steps after 2 "
+          f"warm-up\n| architecture | from | d_model × layers, N | batch × train length | fp32 ms | bf16 ms | "
+          f"bf16 / fp32 |\n"
+          f"|---|---|---|---|---:|---:|---:|")
+    timed = {}  # (model, batch) → (step ms, eval ms), fp32
+    key = lambda c: json.dumps([train.model_config_kwargs(c), c["batch_size"], c["pack"], c["train_len"],
+                                c["task"], c["eval_lens"], c["eval_batches"]], sort_keys=True)
+    for arch, (preset, c) in first.items():
+        fp32, bf16 = (_time_run({**c, **extra, "dtype": dtype}, device, steps) for dtype in ("fp32", "bf16"))
+        timed[key(c)] = fp32
+        rows = f"{c['batch_size']} × {c['pack'] - 1}" if c["pack"] else f"{c['batch_size']} × {c['train_len']}"
+        print(f"| {arch} | {preset} | {c['d_model']} × {c['n_layers']}, {c['d_state']} | {rows} | {fp32[0]:.1f} | "
+              f"{bf16[0]:.1f} | {bf16[0] / fp32[0]:.2f} |", flush=True)
+    print(f"\n## ESTIMATED wall time of each preset's grid ({scale} scale, fp32) on this {device.type} and on "
+          f"{args.devices} of them: steps × the measured step time + evals × the measured eval time, each "
+          f"config's own model and batch timed once here; runs shared as torchrun shares them; not measured "
+          f"end to end\n| preset | runs | est. hours, 1 device | est. hours, {args.devices} devices |\n"
+          f"|---|---:|---:|---:|")
+    for preset in presets:
+        runs = [c for _, c in train.grid(["--preset", preset, "--scale", scale, "--device", "cpu"])[3]]
+        if any(c["pretrained"] for c in runs):
+            print(f"| {preset} | {len(runs)} | not estimated: it trains a pretrained model | |")
+            continue
+        seconds = []
+        for c in runs:
+            if key(c) not in timed:
+                timed[key(c)] = _time_run({**c, **extra}, device, steps, warmup=1)
+            step_ms, eval_ms = timed[key(c)]
+            seconds.append((c["steps"] * step_ms + (c["steps"] // c["eval_every"] + 1) * eval_ms) / 1e3)
+        shared_by = max(sum(seconds[rank::args.devices]) for rank in range(args.devices))
+        print(f"| {preset} | {len(runs)} | {sum(seconds) / 3600:.2f} | {shared_by / 3600:.2f} |", flush=True)
+    if len(presets) < len(everything):
+        print(f"(--presets all for the other {len(everything) - len(presets)} presets' grids)")
+    print("\nall scan checks passed" if ok else "\nA SCAN CHECK FAILED: train with --scan-backend torch")
+    return ok
+
+
 def main(argv=None):
     head, _, tail = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(description=head, epilog=tail,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("step", "mixer", "scans", "sweep", "threads"),
                         help="one section (default: step, mixer and scans)")
+    parser.add_argument("--check", action="store_true", help="correctness of the scans on this device, step times "
+                        "and estimated grid times (see above); nothing else")
+    parser.add_argument("--presets", help="check: estimate these presets' grids (comma-separated, or all; default: all "
+                        "on a GPU, fig1 on a CPU)")
+    parser.add_argument("--devices", type=int, default=8, help="check: estimate the grids on this many devices too "
+                        "(default: %(default)s)")
+    parser.add_argument("--scan-backend", default="auto", choices=("auto", "triton", "torch"),
+                        help="check and step: train.py's --scan-backend (default: %(default)s)")
     parser.add_argument("--nproc", type=int, default=2, help="sweep: torchrun's processes (default: %(default)s)")
     parser.add_argument("--sweep-steps", type=int, default=400, help="sweep: steps per run (default: %(default)s)")
     parser.add_argument("--archs", default="mamba2,mamba1", help="step and mixer: comma-separated (%(default)s)")
@@ -390,8 +542,10 @@ def main(argv=None):
                         help="step: which to time, from ours, loop, compile, rev (needs --against), hf "
                              "(default: %(default)s)")
     parser.add_argument("--preset", help="step: a train.py preset's first config instead of the main job")
-    parser.add_argument("--scale", default="cpu", choices=("paper", "cpu"), help="with --preset (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=30, help="step: timed steps per round (default: %(default)s)")
+    parser.add_argument("--scale", choices=("paper", "cpu"), help="with --preset (default: cpu) and --check (default: "
+                        "paper on a GPU, cpu on a CPU)")
+    parser.add_argument("--steps", type=int, help="step: timed steps per round (default: 30); check: per config (5 on "
+                        "a GPU, 2 on a CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="step: interleaved rounds (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
@@ -402,6 +556,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"# bench.py on {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{time.strftime('%Y-%m-%d')}")
+    if args.check:
+        sys.exit(0 if check(args) else 1)
+    args.scale, args.steps = args.scale or "cpu", args.steps or 30
     sections = (("step", bench_step), ("mixer", bench_mixers), ("scans", bench_scans), ("sweep", bench_sweep),
                 ("threads", bench_threads))
     for name, section in sections:

@@ -11,7 +11,10 @@ Backends of selective_scan:
     "ref"    the specification: a plain loop over time, differentiated by autograd (slow).
     "torch"  PyTorch, one step at a time on a state updated in place, hand-written backward; runs anywhere.
     "triton" Triton forward and backward kernels (CUDA tensors, or CPU with TRITON_INTERPRET=1).
-    None     "triton" for CUDA tensors when triton is importable, else "torch".
+    None     what SCAN_BACKEND says: "auto" (the default) is "triton" for CUDA tensors when triton imports
+             and a self-check on the device's first call passes (else "torch", saying why), and it goes on
+             with "torch" if a Triton launch raises later; "triton" or "torch" use that one.
+ssd_scan's None is "torch" (its chunked matmuls) unless SCAN_BACKEND is "triton".
 
 Glossary (shapes in comments use these letters):
     b        batch size
@@ -34,6 +37,10 @@ regions; outputs take u's (x's) dtype, last states are returned in the math dtyp
 
 `python bench.py --only scans` times every backend against the reference (and mamba_ssm's CUDA kernels).
 """
+import contextlib
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +56,9 @@ TORCH_CHUNK = 64  # most time steps per chunk in the PyTorch backend
 TORCH_CHUNK_ELEMS = 1 << 24  # cap on b*D*N*T, the size of each per-chunk temporary (GPU)
 TORCH_CHUNK_ELEMS_CPU = 1 << 19  # the same on CPU, small enough to stay in cache
 TRITON_CHUNK = 16  # time steps between stored states; the backward keeps one chunk of states
+SCAN_BACKEND = "auto"  # what backend=None means: "auto", "triton" or "torch" (train.py's --scan-backend)
+AUTO_TRITON_DEVICES = ("cuda",)  # device types on which "auto" tries Triton
+_auto_choice = {}  # device → the backend "auto" settled on there
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -123,7 +133,7 @@ def _check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size):
 
 def _pick_backend(backend, device, default_triton):
     if backend is None:
-        backend = "triton" if default_triton and triton is not None and device.type == "cuda" else "torch"
+        backend = SCAN_BACKEND if SCAN_BACKEND != "auto" else _auto_backend(device) if default_triton else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
     if backend == "triton":
@@ -132,6 +142,49 @@ def _pick_backend(backend, device, default_triton):
         if device.type != "cuda" and not _INTERPRETED:
             raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing")
     return backend
+
+
+def _auto_backend(device):
+    """"triton" if triton imports and, on this device's first call, a small forward and backward through it
+    matches the torch backend; else "torch", saying why once."""
+    if triton is None or device.type not in AUTO_TRITON_DEVICES:
+        return "torch"
+    if device not in _auto_choice:
+        _auto_choice[device] = "torch"  # while the check runs, and if it fails
+        try:
+            err = _triton_vs_torch(device)
+            _auto_choice[device] = "triton" if err < 1e-4 else _fall_back(device, f"off by {err:.1e}")
+        except Exception as e:  # a compiler, driver or launch error
+            _fall_back(device, e)
+    return _auto_choice[device]
+
+
+@torch.enable_grad()  # also when the first call comes from an evaluation under no_grad
+def _triton_vs_torch(device):
+    """Largest relative error of Triton's output and gradients against the torch backend's, at small shapes."""
+    g = torch.Generator().manual_seed(0)
+    shapes = ((2, 8, 20), (2, 8, 20), (8, 16), (2, 2, 16, 20), (2, 2, 16, 20), (8,), (2, 8, 20), (8,))
+    x = [torch.randn(shape, generator=g) for shape in shapes]  # u, delta, A, B, C, D, z, delta_bias
+    x[2] = -x[2].exp()  # A < 0
+    x = [t.to(device).requires_grad_() for t in x]
+    runs = []
+    for backend in ("triton", "torch"):
+        y = selective_scan(*x, delta_softplus=True, backend=backend)
+        runs.append([y, *torch.autograd.grad(y.square().sum(), x)])
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(*runs))
+
+
+def _fall_back(device, why):
+    warnings.warn(f"Triton's selective scan failed on {device} ({why}); using the torch backend there")
+    _auto_choice[device] = "torch"
+    return "torch"
+
+
+def backends_in_use(device):
+    """{"selective_scan": ..., "ssd_scan": ...}: what backend=None runs on `device` (its first call runs the
+    self-check of "auto")."""
+    device = torch.device(device)
+    return {name: _pick_backend(None, device, name == "selective_scan") for name in ("selective_scan", "ssd_scan")}
 
 
 def _delta(delta, delta_bias, softplus):
@@ -271,7 +324,8 @@ class _SelectiveScanTorch(torch.autograd.Function):
 # ----------------------------------------------------------------------------- Triton backend
 
 if triton is not None:
-    _INTERPRETED = bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # new in Triton 3.4; older ones read the environment variable
+    _INTERPRETED = bool(knobs.runtime.interpret) if knobs else os.environ.get("TRITON_INTERPRET", "0") == "1"
 
     # Names follow flash-linear-attention's convention: i_ program ids, o_ offsets, m_ masks, b_ blocks of
     # values loaded into registers; the math keeps the symbols of the module docstring (h, g, a, y).
@@ -408,6 +462,11 @@ def _triton_blocks(batch, dim, G, N):
     return block_d, block_n, max(1, min(4, block_d * block_n // 128))
 
 
+def _on_device(t):
+    """Triton launches on the current CUDA device, which stays cuda:0 unless set: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     """Triton scan. Inputs keep their dtypes (kernels load and upcast); B and C are grouped (b, G, N, L)."""
 
@@ -422,9 +481,10 @@ class _SelectiveScanTriton(torch.autograd.Function):
         out = torch.empty_like(u)
         last = u.new_empty(b, dim, N, dtype=torch.float32)
         starts = u.new_empty(b, n_chunks, dim, N, dtype=torch.float32) if any(ctx.needs_input_grad) else None
-        _scan_fwd_kernel[(b, dim // block_d)](
-            u, delta, A, B, C, D, z, delta_bias, out, last, starts, L, dim, N, dim // G, G, n_chunks,
-            SOFTPLUS=softplus, CHUNK=TRITON_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+        with _on_device(u):
+            _scan_fwd_kernel[(b, dim // block_d)](
+                u, delta, A, B, C, D, z, delta_bias, out, last, starts, L, dim, N, dim // G, G, n_chunks,
+                SOFTPLUS=softplus, CHUNK=TRITON_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
         ctx.meta = (softplus, TRITON_CHUNK, block_d, block_n, warps)
         return out, last
@@ -443,10 +503,11 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dD, dbias = u.new_empty(b, dim, dtype=f32), u.new_empty(b, dim, dtype=f32)
         dB, dC = u.new_empty(b, n_dblk, N, L, dtype=f32), u.new_empty(b, n_dblk, N, L, dtype=f32)  # per block
         scratch = u.new_empty(b * n_dblk * (chunk + 1) * block_d * block_n, dtype=f32)
-        _scan_bwd_kernel[(b, n_dblk)](
-            u, delta, A, B, C, D, z, delta_bias, dout, dlast, starts, scratch, du, ddelta, dz, dA, dB, dC, dD,
-            dbias, L, dim, N, dim // G, G, starts.shape[1], SOFTPLUS=softplus, CHUNK=chunk, BLOCK_D=block_d,
-            BLOCK_N=block_n, num_warps=warps)
+        with _on_device(u):
+            _scan_bwd_kernel[(b, n_dblk)](
+                u, delta, A, B, C, D, z, delta_bias, dout, dlast, starts, scratch, du, ddelta, dz, dA, dB, dC, dD,
+                dbias, L, dim, N, dim // G, G, starts.shape[1], SOFTPLUS=softplus, CHUNK=chunk, BLOCK_D=block_d,
+                BLOCK_N=block_n, num_warps=warps)
         per_group = lambda t, like: t.view(b, G, n_dblk // G, N, L).sum(2).to(like.dtype)  # blocks -> groups
         return (du, ddelta, dA.sum(0).to(A.dtype), per_group(dB, B), per_group(dC, C),
                 None if D is None else dD.sum(0).to(D.dtype), dz,
@@ -464,6 +525,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, *, backend=None):
     """Mamba1 selective scan; see the module docstring. Returns y (b, D, L), or (y, last_state (b, D, N))."""
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    auto = backend is None and SCAN_BACKEND == "auto"
     backend = _pick_backend(backend, u.device, default_triton=True)
     if backend == "triton" and u.dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32, bf16 and fp16 inputs, not fp64")
@@ -473,8 +535,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if B.dim() == 3:
             B, C = B[:, None], C[:, None]  # (b, 1, N, L)
         if backend == "triton":
-            y, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
-        else:
+            try:
+                y, last = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+            except Exception as e:  # e.g. a compiler error at a shape the self-check did not try
+                if not auto:
+                    raise
+                backend = _fall_back(u.device, e)
+        if backend == "torch":
             f = _math_dtype(u.dtype)
             inputs = (None if t is None else t.to(f) for t in (u, delta, A, B, C, D, z, delta_bias))
             y, last = _SelectiveScanTorch.apply(*inputs, bool(delta_softplus))

@@ -130,11 +130,12 @@ def causal_conv1d(x, weight, bias):
     """Depthwise causal conv over time, in the (b, L, C) layout the projections produce:
     out[:, t, c] = bias[c] + Σ_k weight[c, 0, k] · x[:, t − (K−1) + k, c], with x = 0 before the start.
     The same numbers as nn.Conv1d(groups=C, padding=K−1) cut to L steps; as K multiply-adds it skips two
-    transposes and conv's slow backward, several times faster on short sequences."""
+    transposes and conv's slow backward, several times faster on short sequences. In x's dtype, as autocast
+    runs nn.Conv1d: fp32 taps would turn a bf16 x into fp32 beside bf16 dt and z, which the scans refuse."""
     K, L = weight.shape[-1], x.shape[1]
     padded = F.pad(x, (0, 0, K - 1, 0))  # (b, K − 1 + L, C)
-    taps = weight[:, 0].T  # (K, C): taps[K − 1] multiplies the current token
-    out = padded[:, :L] * taps[0] if bias is None else torch.addcmul(bias, padded[:, :L], taps[0])
+    taps = weight[:, 0].T.to(x.dtype)  # (K, C): taps[K − 1] multiplies the current token
+    out = padded[:, :L] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), padded[:, :L], taps[0])
     for k in range(1, K):
         out = torch.addcmul(out, padded[:, k:k + L], taps[k])
     return out

@@ -139,3 +139,33 @@ def test_bench_runs_every_section_and_compares_with_a_revision():
     assert ("| Hugging Face |" in step.stdout) == (importlib.util.find_spec("transformers") is not None)
     scans = subprocess.run([*bench, "--only", "scans"], capture_output=True, text=True, timeout=600, cwd=HERE)
     assert scans.returncode == 0 and "| ssd (32, 33, 4, 32, 128) float32 | torch |" in scans.stdout, scans.stderr
+
+
+@pytest.mark.long
+def test_bench_check_passes_here_and_prints_each_architectures_step_and_the_grid_estimates():
+    """`python bench.py --check`, a GPU user's first command, in small: on a plain CPU (Triton's interpreter
+    off, as a user's CPU runs it) the scans match the reference and fig1's grid gets an estimate."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--check", "--presets", "fig1", "--steps",
+                           "1"], capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [[f.strip() for f in line.strip("|").split("|")] for line in done.stdout.splitlines() if line[:2] == "| "]
+    assert [r[2] for r in rows if r[-1] == "ok"] == ["torch"] * 4 and "FAILED" not in done.stdout
+    assert {r[0] for r in rows if r[1] in ("fig1", "fig2", "linattn")} == {"mamba1", "mamba2", "MA", "ML"}
+    (fig1,) = [r for r in rows if r[0] == "fig1"]
+    assert fig1[1] == "12" and float(fig1[2]) >= float(fig1[3]) > 0  # on 8 devices: no slower
+    assert "ESTIMATED" in done.stdout and "all scan checks passed" in done.stdout
+
+
+@pytest.mark.long
+def test_bench_check_fails_on_a_backend_off_the_reference(monkeypatch, capsys):
+    import bench
+    import kernels
+    import train
+    monkeypatch.setattr(kernels, "_INTERPRETED", False)  # the torch backend only: the interpreter is slow
+    c = train.resolve_config({"device": "cpu", "d_model": 16, "d_state": 8, "headdim": 8, "batch_size": 2,
+                              "train_len": 4})
+    assert bench.check_scans({"mamba1": c, "mamba2": c}, torch.device("cpu"))
+    monkeypatch.setitem(bench.CHECK_TOL, torch.float32, 0.0)  # no backend is exact
+    assert not bench.check_scans({"mamba1": c, "mamba2": c}, torch.device("cpu"))
+    assert "| FAILED |" in capsys.readouterr().out

@@ -1,8 +1,13 @@
 """kernels.py: every backend of selective_scan and ssd_scan against the reference loop, gradients included,
 and clear errors on bad input. The Triton kernels run in Triton's interpreter on a machine without a GPU."""
+import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
+import types
+import warnings
 
 import pytest
 import torch
@@ -300,14 +305,87 @@ def test_kernels_imports_without_triton():
     assert done.returncode == 0, done.stderr
 
 
+def test_kernels_imports_with_a_triton_older_than_3_4(monkeypatch):
+    """Triton < 3.4 has no triton.knobs: the interpreter switch is then read from TRITON_INTERPRET."""
+    if kernels.triton is None:
+        pytest.skip("needs triton")
+    old = types.ModuleType("triton")
+    old.__dict__.update({k: v for k, v in vars(kernels.triton).items() if k != "knobs"})
+    monkeypatch.setitem(sys.modules, "triton", old)
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        spec = importlib.util.spec_from_file_location("kernels_on_old_triton", os.path.join(HERE, "kernels.py"))
+        fresh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh)
+        assert fresh.triton is old and fresh._INTERPRETED == (interpret == "1")
+
+
+@needs_triton
+@pytest.mark.long
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """Each Triton launch, forward and backward, runs under a guard that makes the tensors' GPU current
+    (under torchrun, rank k's tensors are on cuda:k while Triton launches on the current device)."""
+    guarded = []
+
+    @contextlib.contextmanager
+    def record(t):
+        guarded.append(t.device)
+        yield
+    monkeypatch.setattr(kernels, "_on_device", record)
+    run_scan(scan_inputs(L=8), "triton")
+    assert guarded == [torch.device("cpu")] * 2
+    rank_1 = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda:1"))
+    monkeypatch.undo()
+    assert kernels._on_device(rank_1).idx == 1
+
+
+def auto_on_cpu(monkeypatch):
+    """SCAN_BACKEND "auto" trying Triton on this CPU (in the interpreter) as it would on a GPU."""
+    monkeypatch.setattr(kernels, "AUTO_TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(kernels, "_auto_choice", {})
+
+
+@needs_triton
+def test_auto_backend_falls_back_to_torch_once_when_triton_raises(monkeypatch):
+    auto_on_cpu(monkeypatch)
+    x = scan_inputs(L=8)
+    want = kernels.selective_scan(**x, delta_softplus=True, backend="torch")
+    kernels._auto_choice[torch.device("cpu")] = "triton"  # the self-check passed; a later launch fails
+
+    def fails(*args):
+        raise RuntimeError("ptxas fatal: out of registers")
+    monkeypatch.setattr(kernels._SelectiveScanTriton, "apply", fails)
+    with pytest.warns(UserWarning, match="out of registers.*using the torch backend"):
+        assert torch.equal(kernels.selective_scan(**x, delta_softplus=True), want)
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "torch", "ssd_scan": "torch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: later calls go straight to torch
+        assert torch.equal(kernels.selective_scan(**x, delta_softplus=True), want)
+    with pytest.raises(RuntimeError, match="out of registers"):  # asked for by name: no fallback
+        kernels.selective_scan(**x, backend="triton")
+    kernels._auto_choice.clear()  # a device's first call: the self-check meets the failure
+    with pytest.warns(UserWarning, match="out of registers"):
+        assert kernels.backends_in_use("cpu")["selective_scan"] == "torch"
+
+
+@needs_triton
+@pytest.mark.long
+def test_auto_backend_takes_triton_after_its_self_check_passes(monkeypatch):
+    auto_on_cpu(monkeypatch)
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "triton", "ssd_scan": "torch"}
+    monkeypatch.setattr(kernels, "SCAN_BACKEND", "triton")
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "triton", "ssd_scan": "triton"}
+    monkeypatch.setattr(kernels, "SCAN_BACKEND", "torch")
+    assert kernels.backends_in_use("cpu") == {"selective_scan": "torch", "ssd_scan": "torch"}
+
+
 # ----------------------------------------------------------------------------- the GPU compiler, on a CPU
 
 COMPILE_REPORT = """
-import os, subprocess, sys, tempfile, triton
+import contextlib, io, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 fp32 = ("A_ptr", "D_ptr", "bias_ptr", "last_ptr", "starts_ptr", "scratch_ptr", "dlast_ptr", "dA_ptr", "dB_ptr",
         "dC_ptr", "dD_ptr", "dbias_ptr")
 for dim, N in ((2048, 32), (128, 16)):  # the paper's Mamba 1 layer, and the Mamba paper's small one
@@ -318,15 +396,15 @@ for dim, N in ((2048, 32), (128, 16)):  # the paper's Mamba 1 layer, and the Mam
                 constants = dict(SOFTPLUS=True, CHUNK=kernels.TRITON_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
                 signature = {a: "constexpr" if a in constants else "i32" if not a.endswith("_ptr") else
                              "*fp32" if a in fp32 else "*" + act for a in fn.arg_names}
-                compiled = triton.compile(ASTSource(fn, signature, constexprs=constants),
-                                          target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps))
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(compiled.asm["cubin"])
-                    f.flush()
-                    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                                           check=True).stdout.split("REG:")[1].split()
+                log = io.StringIO()  # ptxas -v's report, which Triton prints under TRITON_DUMP_PTXAS_LOG=1
+                with contextlib.redirect_stdout(log):
+                    triton.compile(ASTSource(fn, signature, constexprs=constants),
+                                   target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps))
+                registers = re.findall(r"Used (\\d+) registers", log.getvalue())
+                spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", log.getvalue())]
+                assert registers and spills, "no ptxas report: " + log.getvalue()
                 print(f"sm_{capability} {fn.__name__} {act} D={dim} N={N} block {block_d}x{block_n} warps {warps}: "
-                      f"{usage[0]} registers, {usage[3].split(':')[1]} bytes spilled")
+                      f"{registers[0]} registers, {max(spills)} bytes spilled")
 """
 
 
@@ -335,9 +413,11 @@ for dim, N in ((2048, 32), (128, 16)):  # the paper's Mamba 1 layer, and the Mam
 def test_triton_kernels_compile_for_sm80_and_sm90(capsys):
     """The interpreter runs code that the GPU compiler may still reject: compile both kernels to PTX and a
     cubin for the A100 (sm_80) and H100 (sm_90) on this CPU, no GPU needed, and print registers and spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_REPORT], cwd=HERE, capture_output=True, text=True,
-                          timeout=600, env=env)
+    with tempfile.TemporaryDirectory() as cache:  # an empty cache: every kernel goes through ptxas
+        env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_CACHE_DIR": cache,
+               "TRITON_DUMP_PTXAS_LOG": "1"}
+        done = subprocess.run([sys.executable, "-c", COMPILE_REPORT], cwd=HERE, capture_output=True, text=True,
+                              timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     with capsys.disabled():  # into CI's log

@@ -205,6 +205,25 @@ def test_fast_path_trains_like_the_readable_path(arch, monkeypatch):
     assert rel_err(ref["layers.1.mixer.in_proj.weight"], start["layers.1.mixer.in_proj.weight"]) > 1e-3  # it trained
 
 
+@pytest.mark.parametrize("layers", [dict(arch="mamba1"), dict(arch="mamba2"), dict(pattern="MA"), dict(pattern="LL")])
+def test_lm_forward_and_backward_under_bf16_autocast_stay_close_to_fp32(layers, scan_path):
+    """train.py --dtype bf16: Mamba 1, Mamba 2, the hybrid and linear attention run under bf16 autocast
+    (on CPU here, CUDA's is the same code), with outputs and gradients within bf16's rounding of fp32's."""
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=20, d_model=32, n_layers=2, d_state=16, headdim=16, **layers))
+    inputs = torch.randint(0, 20, (2, 24), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(inputs)
+        logits.float().square().mean().backward()
+        runs.append((logits, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (want, want_grad), (got, got_grad) = runs
+    assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+    assert 1e-4 < rel_err(got, want) < 3e-2 and rel_err(got_grad, want_grad) < 3e-2  # > 1e-4: bf16 did run
+
+
 @pytest.mark.long
 def test_torch_compile_with_dynamic_shapes_matches_eager():
     """torch.compile(model, dynamic=True) on batches whose length changes, as in training (one and two SSD

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import figures
+import mimetic
 import train
 from conftest import HERE
 
@@ -411,6 +412,85 @@ def test_stop_at_pauses_with_the_full_schedule_and_resumes_to_the_uninterrupted_
     assert torch.load(out / "checkpoint.pt", weights_only=False)["run"]["step"] == 25
     train.main([*args, "--out", str(out)])
     assert (out / "done").exists() and same(rows_of(out)) == expected
+
+
+@pytest.mark.long
+def test_the_cuda_loop_prefetching_batches_and_reading_losses_every_k_steps_trains_the_same_run(tmp_path,
+                                                                                               monkeypatch):
+    """On CUDA the next batch is built before the loss is read and losses are read every --sync-every steps:
+    forced on here, on the CPU, a run paused and resumed gives the plain loop's metrics, losses included."""
+    args = [*TINY, "--steps", "20", "--eval-every", "10", "--pack", "14"]
+    train.main([*args, "--out", str(tmp_path / "plain")])
+    init = train.Run.__init__
+
+    def cuda_like(self, config):
+        init(self, config)
+        self.prefetch = True
+    monkeypatch.setattr(train.Run, "__init__", cuda_like)
+    out = tmp_path / "cuda_like"
+    train.main([*args, "--sync-every", "3", "--stop-at", "7", "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["sync_every"] == 3
+    train.main([*args, "--sync-every", "3", "--out", str(out)])
+    same = lambda rows: [{k: r[k] for k in ("step", "loss", *figures.METRICS)} for r in rows]
+    assert [r["step"] for r in rows_of(out)] == [0, 10, 20] and same(rows_of(out)) == same(rows_of(tmp_path / "plain"))
+
+
+@pytest.mark.long
+def test_reading_the_loss_every_k_steps_stops_a_diverged_run_within_k_steps(tmp_path, monkeypatch):
+    trained = []
+    step = train.Run.train_step
+    monkeypatch.setattr(train.Run, "train_step", lambda self: (step(self), trained.append(self.step)))
+    failed_at = {}
+    for k in (1, 7):
+        trained.clear()
+        with pytest.raises(SystemExit):
+            train.main([*TINY, "--steps", "40", "--lr", "1e9", "--grad-clip", "0", "--sync-every", str(k),
+                        "--out", str(tmp_path / str(k))])
+        failed_at[k] = (tmp_path / str(k) / "failed").read_text().split(":")[0], len(trained)
+    (first, steps_1), (named, steps_7) = failed_at[1], failed_at[7]
+    assert first == named == f"step {steps_1}"  # the same first non-finite step, named by both
+    assert steps_1 <= steps_7 < steps_1 + 7 and steps_7 % 7 == 0
+
+
+def test_torchrun_ranks_take_the_gpus_in_turn_and_share_them_when_there_are_more_ranks():
+    assert [train.rank_device("cuda", rank, 8) for rank in range(8)] == [f"cuda:{i}" for i in range(8)]
+    assert [train.rank_device("cuda", rank, 2) for rank in range(5)] == ["cuda:0", "cuda:1"] * 2 + ["cuda:0"]
+    assert train.rank_device("cpu", 3, 8) == "cpu" and train.rank_device("cpu", 1, 0) == "cpu"
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        train.rank_device("cuda", 0, 0)
+
+
+@pytest.mark.long
+def test_bf16_trains_on_the_cpu_and_the_run_says_which_scan_backends_it_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main([*TINY, "--arch", "mamba1", "--dtype", "bf16", "--steps", "4", "--eval-every", "4", "--out", str(out)])
+    assert "(bf16; scan backends: selective_scan torch, ssd_scan torch)" in capsys.readouterr().out
+    config, rows = json.loads((out / "config.json").read_text()), rows_of(out)
+    assert config["scan_backends"] == {"selective_scan": "torch", "ssd_scan": "torch"} and config["dtype"] == "bf16"
+    assert math.isfinite(rows[-1]["loss"]) and (out / "done").exists()
+
+
+@pytest.mark.long
+@pytest.mark.skipif(not mimetic.kernels._INTERPRETED, reason="needs triton's interpreter")
+def test_a_triton_launch_that_raises_sends_the_run_to_the_torch_scans_once_and_the_config_says_so(tmp_path,
+                                                                                                  monkeypatch):
+    """As on a GPU where the self-check passed and the paper-sized launch then fails to compile."""
+    kernels = mimetic.kernels
+    monkeypatch.setattr(kernels, "AUTO_TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(kernels, "_auto_choice", {torch.device("cpu"): "triton"})
+    calls = []
+
+    def fails(*args):
+        calls.append(1)
+        raise RuntimeError("out of resource: shared memory")
+    monkeypatch.setattr(kernels._SelectiveScanTriton, "apply", fails)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="shared memory.*using the torch backend") as said:
+        train.main([*TINY, "--arch", "mamba1", "--steps", "6", "--eval-every", "3", "--out", str(out)])
+    assert len([w for w in said if "torch backend" in str(w.message)]) == len(calls) == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["scan_backends"]["selective_scan"] == "torch" and (out / "done").exists()
+    assert [r["step"] for r in rows_of(out)] == [0, 3, 6]
 
 
 @pytest.mark.long

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import figures
+import mimetic
 from mimetic import (COPY_TASKS, LM, TASK_VOCAB, TASKS, ModelConfig, evaluate, format_report, make_batch,
                      mimetic_init_, mimetic_report, task_vocab_size)
 
@@ -256,8 +257,13 @@ OPTIONS = [
     ("checkpoint_every", 1000, int, "write checkpoint.pt every this many steps (and at the end)"),
     ("seed", 0, int, "random seed"),
     ("seeds", None, int_list, "comma-separated seeds (a sweep); default: --seed"),
-    ("device", "auto", str, "auto, cpu or cuda"),
-    ("dtype", "fp32", str, "fp32 or bf16 (bf16 autocast, CUDA only)"),
+    ("device", "auto", str, "auto, cpu or cuda (under torchrun: process k on GPU k mod the number of GPUs)"),
+    ("dtype", "fp32", str, "fp32 or bf16 (bf16 autocast of the forward pass; the scans compute in fp32)"),
+    ("scan_backend", "auto", str, "selective scans: auto (Triton for Mamba 1 on CUDA once a self-check passes, "
+     "else PyTorch; Mamba 2's chunked PyTorch SSD), triton (both layers) or torch"),
+    ("no_tf32", False, None, "CUDA: fp32 matmuls without TF32 (default: TF32 on)"),
+    ("sync_every", None, int, "read the loss (a GPU sync) and check it for NaN/Inf every this many steps "
+     "(default: 1 on CPU, 10 on CUDA); a diverged run stops within that many steps"),
     ("threads", None, int, "torch.set_num_threads (default: the cores no other process keeps busy; under "
      "torchrun: those / processes)"),
     ("out", None, str, "run folder (default: runs/<task>_<arch>_<init>_s<seed>, or runs/<preset>_<scale> for sweeps)"),
@@ -269,6 +275,7 @@ OPTIONS = [
     ("dry_run", False, None, "print every run of the grid (JSON lines) and its parameter count; train nothing"),
 ]
 CHOICES = {"task": TASKS, "arch": ARCHS, "device": ("auto", "cpu", "cuda"), "dtype": ("fp32", "bf16"),
+           "scan_backend": ("auto", "triton", "torch"),
            "preset": tuple(PRESETS), "scale": SCALES, "schedule": ("cosine", "linear"),
            "weight_decay_on": ("matrices", "all")}
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
@@ -339,10 +346,9 @@ def resolve_config(config):
         ModelConfig(**model_config_kwargs(c))  # the model's own checks (pattern, layer_d_state, ...)
     if c["device"] == "auto":
         c["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if c["device"] == "cuda" and not torch.cuda.is_available():
+    if c["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device found; use --device cpu or auto")
-    if c["dtype"] == "bf16" and c["device"] != "cuda":
-        raise ValueError("--dtype bf16 is autocast on CUDA only; use --dtype fp32 on CPU")
+    c["sync_every"] = c["sync_every"] or (10 if c["device"].startswith("cuda") else 1)
     return c
 
 
@@ -566,7 +572,8 @@ def load_checkpoint(out):
     return None
 
 
-RUN_ONLY = ("threads", "device", "stop_at")  # may differ between the run that wrote a checkpoint and the one resuming
+# may differ between the run that wrote a checkpoint and the one resuming
+RUN_ONLY = ("threads", "device", "stop_at", "scan_backend", "scan_backends", "no_tf32", "sync_every")
 
 
 def check_same_run(saved, c, out):
@@ -609,10 +616,21 @@ class Run:
         c = self.c
         torch.set_num_threads(c["threads"] or default_threads())
         self.device = torch.device(c["device"])
+        if self.device.type == "cuda":
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)  # this process's GPU, where Triton launches and allocates
+            torch.set_float32_matmul_precision("highest" if c["no_tf32"] else "high")  # high: TF32
+        mimetic.kernels.SCAN_BACKEND = c["scan_backend"]
+        try:  # on CUDA, "auto" checks Triton here, at the first call
+            c["scan_backends"] = mimetic.kernels.backends_in_use(self.device)
+        except RuntimeError as e:  # e.g. --scan-backend triton without CUDA
+            raise ValueError(f"--scan-backend {c['scan_backend']}: {e}") from None
         torch.manual_seed(c["seed"])
         self.model = build_model(c).to(self.device)
         self.opt, self.schedule = build_optimizer(self.model, c)
         self.batches = torch.Generator().manual_seed(c["seed"])
+        self.prefetch = self.device.type == "cuda"  # build the next batch while the GPU works on this one
+        self.prefetched, self.unread_losses = None, []
         self.progress = dict(step=0, loss_sum=0.0, loss_count=0, train_time=0.0, wall_time=0.0, tokens=0, rows=[])
         self.resumed = load_checkpoint(self.out) if self.out and not (self.out / "done").exists() else None
         if self.resumed:
@@ -639,7 +657,9 @@ class Run:
         if self.resumed:
             print(f"resuming {out} from step {self.step}", flush=True)
         n_params = sum(p.numel() for p in self.model.parameters())
-        print(f"{run_name(c)}: {n_params / 1e3:.1f}k parameters on {self.device}", flush=True)
+        backends = ", ".join(f"{k} {v}" for k, v in c["scan_backends"].items())
+        print(f"{run_name(c)}: {n_params / 1e3:.1f}k parameters on {self.device} ({c['dtype']}; scan backends: "
+              f"{backends})", flush=True)
         if out:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(c, indent=2))
@@ -654,11 +674,11 @@ class Run:
             self.log_eval()  # the init point of the accuracy curves
 
     def train_step(self):
-        """One optimizer step on the next batch; returns the loss."""
+        """One optimizer step on the next batch; its loss stays on the device until read_losses()."""
         c, p = self.c, self.progress
         start = time.time()
-        inputs, targets = (t.to(self.device) for t in training_batch(c, self.batches))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=c["dtype"] == "bf16"):
+        inputs, targets = self.prefetched or (t.to(self.device) for t in training_batch(c, self.batches))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c["dtype"] == "bf16"):
             logits = self.model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         self.opt.zero_grad(set_to_none=True)
@@ -667,11 +687,30 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c["grad_clip"])
         self.opt.step()
         self.schedule.step()
-        value = loss.item()
+        if self.prefetch:  # a checkpoint saves the generator as it was before the prefetched batch
+            self.batches_before = self.batches.get_state()
+            self.prefetched = tuple(t.to(self.device) for t in training_batch(c, self.batches))
+        self.unread_losses.append(loss.detach())
         p["step"], p["tokens"] = p["step"] + 1, p["tokens"] + inputs.numel()
-        p["loss_sum"], p["loss_count"] = p["loss_sum"] + value, p["loss_count"] + 1
         p["train_time"] += time.time() - start
-        return value
+
+    def read_losses(self):
+        """{step: loss} of the steps since the last read: one wait for the GPU."""
+        p, start = self.progress, time.time()
+        values = torch.stack(self.unread_losses).tolist()
+        for value in values:
+            p["loss_sum"], p["loss_count"] = p["loss_sum"] + value, p["loss_count"] + 1
+        p["train_time"] += time.time() - start
+        steps = range(p["step"] - len(values) + 1, p["step"] + 1)
+        self.unread_losses = []
+        return dict(zip(steps, values))
+
+    def note_backends(self):
+        """A Triton launch that raised has sent the scans to PyTorch: say so in the config."""
+        if (now := mimetic.kernels.backends_in_use(self.device)) != self.c["scan_backends"]:
+            self.c["scan_backends"] = now
+            if self.out:
+                (self.out / "config.json").write_text(json.dumps(self.c, indent=2))
 
     def evaluate(self):
         """A metrics row: step, mean training loss since the last row, times, and accuracy per eval length."""
@@ -695,7 +734,8 @@ class Run:
     def checkpoint(self):
         save_checkpoint(self.out, dict(
             model=self.model.state_dict(), optimizer=self.opt.state_dict(), schedule=self.schedule.state_dict(),
-            batches=self.batches.get_state(), rng=torch.get_rng_state(), config=self.c,
+            batches=self.batches_before if self.prefetched else self.batches.get_state(), rng=torch.get_rng_state(),
+            config=self.c,
             run={**self.progress, "wall_time": self.elapsed()}))
 
     def report(self, when, name):
@@ -753,14 +793,19 @@ def train(config):
         stopped = run.step
     with StopRequest() as stop:
         while run.step < c["steps"] and not stopped:
-            loss = run.train_step()
-            if not math.isfinite(loss):
-                failure = (f"step {run.step}: loss {loss} at lr {run.schedule.get_last_lr()[0]:.3g} (peak --lr "
-                           f"{c['lr']:g}): the run diverged; try a lower --lr or a --grad-clip")
+            run.train_step()
+            step, requested = run.step, stop.requested
+            if step % c["sync_every"] and step % c["eval_every"] and step % c["checkpoint_every"] and not (
+                    step in (c["steps"], pause_at) or requested):
+                continue  # the losses stay on the GPU a while longer
+            if bad := [(i, v) for i, v in run.read_losses().items() if not math.isfinite(v)]:
+                failure = (f"step {bad[0][0]}: loss {bad[0][1]} at lr {run.schedule.get_last_lr()[0]:.3g} (peak "
+                           f"--lr {c['lr']:g}): the run diverged; try a lower --lr or a --grad-clip")
                 break
+            run.note_backends()
             if run.step % c["eval_every"] == 0 or run.step == c["steps"]:
                 run.log_eval()
-            if (stop.requested or run.step == pause_at) and run.step < c["steps"]:
+            if (requested or run.step == pause_at) and run.step < c["steps"]:
                 stopped = run.step
             if run.out and (run.step % c["checkpoint_every"] == 0 or stopped) and run.step < c["steps"]:
                 run.checkpoint()  # its rows end at the last regular eval, as an uninterrupted run's do
@@ -860,6 +905,16 @@ def distributed():
     return env("RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_RANK", 0), env("LOCAL_WORLD_SIZE", 1)
 
 
+def rank_device(device, local_rank, n_gpus):
+    """The device of torchrun's process local_rank: the GPUs in turn, so that more processes than GPUs share
+    them (--nproc_per_node 16 on 8 GPUs: two runs on each GPU at a time); CPU runs stay on the CPU."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    if n_gpus < 1:
+        raise ValueError(f"--device {device} under torchrun, but no GPU is visible")
+    return f"cuda:{local_rank % n_gpus}"
+
+
 def run_sweep(runs, out, names, title):
     """Train every unfinished run; under torchrun each process takes every world-th of them. Rank 0 writes
     the summary once every process is done. A diverged run is marked failed and the sweep goes on."""
@@ -881,7 +936,7 @@ def run_sweep(runs, out, names, title):
                              f"--nproc_per_node {len(pending)} or fewer")
     for folder, c in pending[rank::world]:
         if world > 1:
-            c = dict(c, device=f"cuda:{local_rank}" if c["device"] == "cuda" else "cpu",
+            c = dict(c, device=rank_device(c["device"], local_rank, torch.cuda.device_count()),
                      threads=c["threads"] or default_threads(local_world))
         print(f"=== {folder}" + (f" (rank {rank} of {world})" if world > 1 else ""), flush=True)
         folder.mkdir(parents=True, exist_ok=True)
@@ -915,7 +970,7 @@ def eval_command(argv):
     parser.add_argument("--task", choices=TASKS, help="another task with the same tokens (e.g. stack for a copy model)")
     parser.add_argument("--example-len", type=int, help="length of the example the maps show (default: train length)")
     parser.add_argument("--example-seed", type=int, default=0, help="which example (default: %(default)s)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", choices=CHOICES["device"], help="auto: CUDA if there is a GPU")
     args = parser.parse_args(argv)
     folder = Path(args.run)
     saved = load_checkpoint(folder)
@@ -929,7 +984,7 @@ def eval_command(argv):
     if need != have:
         fail(f"{folder} was trained on {c['task']} with {have} tokens; {task} with its --vocab-size "
              f"{c['vocab_size']} needs {need}: evaluate a task with the same tokens")
-    device = torch.device(args.device)
+    device = torch.device(c["device"])
     model.to(device)
     try:
         results = evaluate_lengths(model, c, device, args.lens, task)
