@@ -71,10 +71,6 @@ def _worker(spec):
     sys.path.insert(0, spec["code"])
     import dataclasses
     import mimetic
-    if spec["threads"] is None:
-        import train
-        spec["threads"] = train.default_threads()
-    torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     m, device = spec["model"], torch.device(spec["device"])
     if spec["contender"] == "hf":
@@ -88,6 +84,10 @@ def _worker(spec):
         model = mimetic.LM(mimetic.ModelConfig(**{k: v for k, v in m.items() if k in fields and v is not None}))
         model = (mimetic.mimetic_init_(model) if spec["mimetic"] else model).to(device)
         forward = torch.compile(model, dynamic=True) if spec["contender"] == "compile" else model
+    if spec["threads"] is None:  # train.py's default for this model
+        import train
+        spec["threads"] = train.default_threads(sum(p.numel() for p in model.parameters()))
+    torch.set_num_threads(spec["threads"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [[t.to(device) for t in batch] for batch in torch.load(spec["batches"])]
 
@@ -224,7 +224,7 @@ def bench_threads(args):
             for _ in range(args.rounds):
                 for name, (threads, env) in contenders.items():
                     spec = dict(code=HERE, contender="ours", model=train.model_config_kwargs(c), mimetic=c["mimetic"],
-                                batches=batches, threads=threads, device="cpu")
+                                batches=batches, threads=threads, device="cpu", scan_backend=args.scan_backend)
                     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
                     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                           text=True, env={**clean, **env})

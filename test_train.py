@@ -601,7 +601,8 @@ def test_mimetic_beats_default_on_the_cpu_main_job():
 
 def test_default_threads_are_the_free_cores(monkeypatch):
     """4 allowed cores; over the sample, one core's worth of ticks is busy: 3 threads, 1 each for 2 torchrun
-    processes (3 // 2); all 4 busy: still 1. Without /proc/stat: every allowed core."""
+    processes (3 // 2) of a large model; a small model gets 1 on a quiet machine too; all 4 busy: still 1.
+    Without /proc/stat: every allowed core."""
     monkeypatch.setattr(train.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(train.time, "sleep", lambda s: None)
@@ -613,7 +614,9 @@ def test_default_threads_are_the_free_cores(monkeypatch):
     proc_stat(busy_ticks=100)
     assert train.free_cores() == 3
     proc_stat(busy_ticks=100)
-    assert train.default_threads(2) == 1
+    assert train.default_threads(10**7, 2) == 1  # a large model: the free cores, shared
+    proc_stat(busy_ticks=0)
+    assert train.default_threads(10**7) == 4 and train.default_threads(91_000) == 1  # a small one: 1, even quiet
     proc_stat(busy_ticks=400)
     assert train.free_cores() == 1
 

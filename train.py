@@ -484,11 +484,17 @@ def free_cores(sample_s=0.2):
     return max(1, min(allowed, round(total - busy)))
 
 
-def default_threads(local_processes=1):
-    """Intra-op threads without --threads: the free cores, shared among torchrun's processes on this machine.
-    Not torch's default (every core): when another process keeps one core busy, each of a step's ~1000 ops
-    waits for its descheduled thread, and the main job took 692 s instead of 130 s (README, Speed)."""
-    return max(1, free_cores() // local_processes)
+MANY_THREADS_FROM = 10**6  # parameters: below, one thread is fastest, quiet or busy (README, Speed)
+
+
+def default_threads(n_params, local_processes=1):
+    """Intra-op threads without --threads. A small model gets 1: at the main job's 91k parameters 2 threads
+    were 1.4× slower than 1 on a quiet machine, as its ~1000 ops per step are too small to share. A large one
+    gets the free cores, shared among torchrun's processes here (paper-size fig1: 1.7× faster on 2 than on 1).
+    Never torch's default (every core): when another process keeps a core busy, each op waits for the
+    descheduled thread (the main job took 692 s instead of 130 s). The 1M threshold between the two measured
+    sizes is our choice."""
+    return 1 if n_params < MANY_THREADS_FROM else max(1, free_cores() // local_processes)
 
 
 def training_batch(c, g):
@@ -614,7 +620,6 @@ class Run:
     def __init__(self, config):
         self.c, self.out = resolve_config(config), Path(config["out"]) if config.get("out") else None
         c = self.c
-        torch.set_num_threads(c["threads"] or default_threads())
         self.device = torch.device(c["device"])
         if self.device.type == "cuda":
             if self.device.index is not None:
@@ -627,6 +632,8 @@ class Run:
             raise ValueError(f"--scan-backend {c['scan_backend']}: {e}") from None
         torch.manual_seed(c["seed"])
         self.model = build_model(c).to(self.device)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        torch.set_num_threads(c["threads"] or default_threads(n_params, distributed()[3]))
         self.opt, self.schedule = build_optimizer(self.model, c)
         self.batches = torch.Generator().manual_seed(c["seed"])
         self.prefetch = self.device.type == "cuda"  # build the next batch while the GPU works on this one
@@ -936,8 +943,7 @@ def run_sweep(runs, out, names, title):
                              f"--nproc_per_node {len(pending)} or fewer")
     for folder, c in pending[rank::world]:
         if world > 1:
-            c = dict(c, device=rank_device(c["device"], local_rank, torch.cuda.device_count()),
-                     threads=c["threads"] or default_threads(local_world))
+            c = dict(c, device=rank_device(c["device"], local_rank, torch.cuda.device_count()))
         print(f"=== {folder}" + (f" (rank {rank} of {world})" if world > 1 else ""), flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "trained_by", "a") as f:
