@@ -264,8 +264,8 @@ OPTIONS = [
     ("no_tf32", False, None, "CUDA: fp32 matmuls without TF32 (default: TF32 on)"),
     ("sync_every", None, int, "read the loss (a GPU sync) and check it for NaN/Inf every this many steps "
      "(default: 1 on CPU, 10 on CUDA); a diverged run stops within that many steps"),
-    ("threads", None, int, "torch.set_num_threads (default: the cores no other process keeps busy; under "
-     "torchrun: those / processes)"),
+    ("threads", None, int, "torch.set_num_threads (default: 1 for a model under 1M parameters, else the cores no "
+     "other process keeps busy, under torchrun shared among the processes)"),
     ("out", None, str, "run folder (default: runs/<task>_<arch>_<init>_s<seed>, or runs/<preset>_<scale> for sweeps)"),
     ("preset", None, str, "the paper's setups (your flags override): "
      + "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())),
