@@ -82,7 +82,9 @@ def load_run_group(folder, finished_only=False):
         raise ValueError(f"no metrics.jsonl in {folder} or below it")
     best = best_hyper(runs) or hyper(runs[0])
     chosen = [r for r in runs if hyper(r) == best and not r["failed"]] or runs
-    return Path(folder).name, chosen[0]["config"]["train_len"], [r["rows"] for r in chosen]
+    folder = Path(folder)
+    label = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("seed") else folder.name  # seed0 of what
+    return label, chosen[0]["config"]["train_len"], [r["rows"] for r in chosen]
 
 
 # ----------------------------------------------------------------------------------------------------
