@@ -632,7 +632,8 @@ def test_a_seed_folder_is_labeled_with_its_config(tmp_path):
         run = tmp_path / config / "seed0"
         run.mkdir(parents=True)
         (run / "config.json").write_text(json.dumps({"train_len": 50, "lr": 1e-3, "c": 8.0}))
-        (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "exact_match": {"50": 0.0}}) + "\n")
+        row = {"step": 0, "exact_match": {"50": 0.0}, "token_acc": {"50": 0.0}}
+        (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     labels = [figures.load_run_group(tmp_path / config / "seed0")[0] for config in ("mamba2_default", "mamba2_mimetic")]
     assert labels == ["mamba2_default/seed0", "mamba2_mimetic/seed0"]
     assert figures.load_run_group(tmp_path / "mamba2_default")[0] == "mamba2_default"
