@@ -637,3 +637,12 @@ def test_a_seed_folder_is_labeled_with_its_config(tmp_path):
     labels = [figures.load_run_group(tmp_path / config / "seed0")[0] for config in ("mamba2_default", "mamba2_mimetic")]
     assert labels == ["mamba2_default/seed0", "mamba2_mimetic/seed0"]
     assert figures.load_run_group(tmp_path / "mamba2_default")[0] == "mamba2_default"
+
+
+def test_a_sweep_whose_runs_all_pause_exits_cleanly_and_writes_the_summary_once_one_finishes(tmp_path, capsys):
+    """--stop-at in a sweep: no run is finished, so there is no summary yet, and that is not an error."""
+    args = [*TINY, "--steps", "4", "--eval-every", "2", "--seeds", "0,1", "--out", str(tmp_path)]
+    train.main([*args, "--stop-at", "2"])
+    assert "no summary" in capsys.readouterr().out and not (tmp_path / "summary.md").exists()
+    train.main(args)
+    assert (tmp_path / "summary.md").exists() and len(list(tmp_path.glob("*/seed*/done"))) == 2

@@ -955,8 +955,10 @@ def run_sweep(runs, out, names, title):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and any((folder / "done").exists() or (folder / "failed").exists() for folder, _ in runs):
         figures.write_summary(out, names, title)
+    elif rank == 0:  # every run paused by --stop-at (or stopped): nothing to summarize yet, and no error
+        print(f"no run under {out} has finished yet: no summary; the same command goes on", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
