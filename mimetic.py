@@ -26,8 +26,9 @@ import importlib.util
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -297,17 +298,47 @@ class LinearAttention(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # The language model: embedding → pre-norm residual blocks → final norm → tied head
 
+# Architectures: one entry per kind of sequence mixer. A mixer's letter marks its layers in
+# ModelConfig.pattern; `build(cfg, i)` makes layer i's mixer; `defaults` fill the ModelConfig fields the
+# caller leaves None. Registering an architecture is one entry here (and its class).
+
+@dataclass(frozen=True)
+class Arch:
+    letter: str                                  # its layers' letter in ModelConfig.pattern
+    build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → the layer's mixer
+    defaults: dict = field(default_factory=dict)  # d_state, headdim, expand, d_conv where they apply
+
+
+# The Mamba classes keep the reference modules' signatures (Mamba1's d_state=16 is mamba_ssm's); the
+# paper's values come from this table, which ModelConfig passes to them explicitly.
+ARCHS = {
+    "mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                              d_conv=cfg.d_conv, expand=cfg.expand),
+                   dict(d_state=32,  # §5 "For all Mamba 1 experiments, we use state size 32"
+                        expand=2, d_conv=4)),  # the reference Mamba's
+    "mamba2": Arch("M", lambda cfg, i: Mamba2(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                              d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+                                              ngroups=cfg.ngroups, chunk_size=cfg.chunk_size),
+                   dict(d_state=128,  # §5 "state size 128 unless otherwise noted"
+                        headdim=64,  # §5 "head dimension 64"
+                        expand=2, d_conv=4)),  # the reference Mamba2's
+    "attention": Arch("A", lambda cfg, i: Attention(cfg.d_model, cfg.n_heads)),
+    "linear": Arch("L", lambda cfg, i: LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)),
+}
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32
     d_model: int = 64
     n_layers: int = 4
-    arch: str = "mamba1"          # "mamba1" | "mamba2": the block behind the letter M
-    pattern: str | None = None    # one letter per layer: M (Mamba), A (attention), L (linear attention)
-    d_state: int | None = None    # None: the block's default, 16 (Mamba 1) or 128 (Mamba 2)
-    expand: int = 2
-    d_conv: int = 4
-    headdim: int = 64             # Mamba 2
+    arch: str = "mamba1"          # a name in ARCHS; the letter M stands for it when it is a Mamba
+    pattern: str | None = None    # one letter per layer (M Mamba, A attention, L linear attention, ...);
+                                  # None: arch's letter in every layer
+    d_state: int | None = None    # None: ARCHS[arch].defaults, e.g. N = 32 (Mamba 1), 128 (Mamba 2)
+    expand: int | None = None     # None: ARCHS[arch].defaults (2)
+    d_conv: int | None = None     # None: ARCHS[arch].defaults (4)
+    headdim: int | None = None    # Mamba 2; None: ARCHS[arch].defaults (64)
     ngroups: int = 1              # Mamba 2
     chunk_size: int = 64          # Mamba 2
     n_heads: int = 1              # attention and linear attention
@@ -315,14 +346,21 @@ class ModelConfig:
     layer_d_state: dict | None = None  # {layer index: N} for Mamba layers whose N differs (Fig. 5)
 
     def __post_init__(self):
-        if self.arch not in ("mamba1", "mamba2"):
-            raise ValueError(f"arch must be 'mamba1' or 'mamba2', got {self.arch!r}")
-        self.pattern = self.pattern or "M" * self.n_layers
-        if len(self.pattern) != self.n_layers or set(self.pattern) - set("MAL"):
-            raise ValueError(f"pattern must be {self.n_layers} letters from M, A, L, got {self.pattern!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name, value in ARCHS[self.arch].defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.pattern = self.pattern or ARCHS[self.arch].letter * self.n_layers
+        letters = {arch.letter for arch in ARCHS.values()}
+        if len(self.pattern) != self.n_layers or set(self.pattern) - letters:
+            raise ValueError(f"pattern must be {self.n_layers} letters from {', '.join(sorted(letters))}, "
+                             f"got {self.pattern!r}")
+        for letter in set(self.pattern):
+            self.arch_of(letter)  # each letter names one architecture
         for name in ("vocab_size", "d_model", "n_layers", "expand", "d_conv", "headdim", "n_heads",
                      "linear_head_dim", "ngroups", "chunk_size", "d_state"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:  # d_state None: the block's default
+            if getattr(self, name) is not None and getattr(self, name) <= 0:  # None: no arch here uses it
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
         for i, n in self.layer_d_state.items():
@@ -330,19 +368,21 @@ class ModelConfig:
                 raise ValueError(f"layer_d_state {{{i}: {n}}}: needs a Mamba layer (M) of pattern "
                                  f"{self.pattern} and a positive N")
 
+    def arch_of(self, letter):
+        """The architecture a pattern letter stands for: cfg.arch if it is its letter, else the one registered
+        architecture with that letter (M, shared by mamba1 and mamba2, needs arch to say which)."""
+        if ARCHS[self.arch].letter == letter:
+            return self.arch
+        names = [name for name, arch in ARCHS.items() if arch.letter == letter]
+        if len(names) != 1:
+            raise ValueError(f"pattern {self.pattern!r} has {letter}, which stands for one of {', '.join(names)}: "
+                             f"set arch to one of them (it is {self.arch!r})")
+        return names[0]
+
 
 def make_mixer(cfg, index):
-    """The sequence mixer of layer `index`, from its letter in cfg.pattern."""
-    letter, N = cfg.pattern[index], cfg.layer_d_state.get(index, cfg.d_state)
-    if letter == "A":
-        return Attention(cfg.d_model, cfg.n_heads)
-    if letter == "L":
-        return LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)
-    state = {} if N is None else {"d_state": N}
-    if cfg.arch == "mamba1":
-        return Mamba1(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, **state)
-    return Mamba2(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-                  ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, **state)
+    """The sequence mixer of layer `index`, built by the architecture its letter in cfg.pattern names."""
+    return ARCHS[cfg.arch_of(cfg.pattern[index])].build(cfg, index)
 
 
 class Block(nn.Module):
