@@ -20,10 +20,7 @@ matplotlib.use("Agg")  # figures go to files; no display needed
 import matplotlib.pyplot as plt
 import torch
 
-from mimetic import attention_map, attention_mask, layout_of, mixer_inputs
-
-METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
-           "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
+from mimetic import METRICS, attention_map, attention_mask, layout_of, mixer_inputs  # METRICS: train.py's too
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def test_inside_transformers_own_forward_the_layer_is_mimetic(version, scan_spy)
     W = [p.weight.detach().clone() for p in proj]
     mimetic_init_(model, c=4.0)
     model(torch.randint(0, VOCAB, (2, 9)))
+    assert len(scan_spy) == 2  # one scan per layer: the loop below checks something
     for k, seen in enumerate(scan_spy):
         bias = seen["delta_bias"][:, None] if version == 1 else seen["dt_bias"]
         delta = F.softplus(seen["dt"] + bias)
@@ -174,7 +175,8 @@ def test_where_A_log_is_zero_A_stays_minus_one_whatever_c():
 
 
 def test_an_unknown_module_is_a_clear_error():
-    with pytest.raises(TypeError, match="MambaMixer, Mamba2, Mamba2Mixer"):
+    with pytest.raises(TypeError, match="mamba_ssm.Mamba, mamba_ssm.Mamba2, transformers.MambaMixer, "
+                                        "transformers.Mamba2Mixer"):
         mimetic_init_(nn.Sequential(nn.Linear(2, 2)))
 
 
@@ -365,9 +367,10 @@ def test_maps_are_fp32_under_bf16_weights_and_under_bf16_autocast(kind):
 # ---------------------------------------------------------------------------------------------------
 # mamba_ssm: stand-ins with its names and shapes (its modules need CUDA to run)
 
-class Mamba(nn.Module):  # named as mamba_ssm's classes are, which is how mimetic_init_ knows them
+class Mamba(nn.Module):  # named, and in a module named, as mamba_ssm's: that is how mimetic_init_ knows them
     """mamba_ssm.modules.mamba_simple.Mamba's parameters: in_proj [x, z], conv1d, x_proj [dt, B, C], dt_proj,
     A_log (D, N) marked _no_weight_decay, D, out_proj."""
+    __module__ = "mamba_ssm.modules.mamba_simple"
 
     def __init__(self, d_model=16, d_state=8, expand=2, d_conv=4):
         super().__init__()
@@ -386,6 +389,7 @@ class Mamba(nn.Module):  # named as mamba_ssm's classes are, which is how mimeti
 class Mamba2(nn.Module):
     """mamba_ssm.modules.mamba2.Mamba2's parameters: in_proj [z0, x0, z, x, B, C, dt] (z0, x0: the MLP when
     d_ssm < d_inner), conv1d over x, B, C, dt_bias, A_log (H,), D, norm, out_proj; dt_limit."""
+    __module__ = "mamba_ssm.modules.mamba2"
 
     def __init__(self, d_model=16, d_state=8, expand=2, headdim=8, ngroups=2, d_ssm=None, bias=False,
                  dt_limit=(0.0, float("inf"))):
@@ -408,6 +412,7 @@ class Mamba2(nn.Module):
 
 class MambaLMHeadModel(nn.Module):
     """backbone.layers[i].mixer, a mamba_ssm.modules.mha.MHA where attn_layer_idx says."""
+    __module__ = "mamba_ssm.models.mixer_seq_simple"
 
     def __init__(self, n_layer=4, attn_layer_idx=(2,), layer=Mamba2):
         super().__init__()
@@ -416,6 +421,14 @@ class MambaLMHeadModel(nn.Module):
         self.backbone.layers = nn.ModuleList(block(i) for i in range(n_layer))
         for i, b in enumerate(self.backbone.layers):
             b.mixer = nn.MultiheadAttention(16, 1) if i in attn_layer_idx else layer()
+
+
+def test_a_class_named_as_mamba_ssms_but_from_elsewhere_is_not_taken_for_it():
+    """Layouts are keyed by the library and the class name: a user's own Mamba2 is not mamba_ssm's."""
+    theirs, elsewhere = Mamba2(), type("Mamba2", (nn.Module,), {"__module__": "my_project.layers"})()
+    assert mimetic.layout_of(theirs) is not None and mimetic.layout_of(elsewhere) is None
+    with pytest.raises(TypeError, match="no Mamba layer in Mamba2"):
+        mimetic_init_(elsewhere)
 
 
 @pytest.mark.parametrize("d_ssm", [None, 16])

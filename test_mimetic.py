@@ -277,7 +277,7 @@ def test_mimetic_bc_correlates_W_C_with_W_B(cls):
     layer = cls(64, d_state=32, **({"headdim": 16, "ngroups": 2} if cls is Mamba2 else {}))
 
     def correlations():
-        where = mimetic.LAYOUTS[cls.__name__](layer)
+        where = mimetic.layout_of(layer)
         weight = where.proj.weight
         return [F.cosine_similarity(weight[b].flatten(), weight[c].flatten(), dim=0).item()
                 for b, c in zip(where.B, where.C)]
@@ -556,6 +556,7 @@ def test_evaluate_oracle_is_perfect(task):
     model = Oracle(answers, task_vocab_size(task)).train()
     result = evaluate(model, task, n, batch_size=8, n_batches=3, generator=torch.Generator().manual_seed(5))
     assert result == dict(token_acc=1.0, exact_match=1.0, string_acc=1.0)
+    assert set(result) == set(mimetic.METRICS)  # the names tables and plots read
     assert model.training  # training mode restored
 
 
