@@ -36,11 +36,10 @@ from torch.nn.utils import parametrize
 
 
 def _fast_path():
-    """kernels.py, the fast scans: in a checkout (or after pip install -e .) the kernels.py beside this file,
-    loaded by path under the private name mimetic_kernels; after pip install ., the module mimetic_kernels.
-    Another module named `kernels` (the Hugging Face kernel hub's is one) is never run nor shadowed, nor is a
-    kernels.py without our marker line. Without them (mimetic.py copied alone, say) this file's own loops do
-    the work, and one warning says why."""
+    """kernels.py, the fast scans: in a checkout (or pip install -e .) the kernels.py beside this file, loaded
+    by path under the private name mimetic_kernels; after pip install ., the module mimetic_kernels. Another
+    `kernels` (the Hugging Face kernel hub's is one) is never run, nor a kernels.py without our marker line.
+    Without them (mimetic.py copied alone) this file's own loops do the work, and one warning says why."""
     path = Path(__file__).with_name("kernels.py")
     if path.is_file() and "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
         why = f"{path} is not mimetic's kernels.py"
@@ -72,10 +71,8 @@ SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimeti
 
 def selective_scan_loop(u, delta, A, B, C):
     """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), one step at a time.
-
     u, delta: (b, D, L); A: (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G).
-    Returns y: (b, D, L). unbind() slices time once, so autograd does not copy (b, D, L) per step.
-    """
+    Returns y: (b, D, L). unbind() slices time once, so autograd does not copy (b, D, L) per step."""
     b, D, L = u.shape
     G, N = B.shape[1], B.shape[2]
     h = u.new_zeros(b, G, D // G, N)
@@ -99,9 +96,7 @@ def selective_scan(u, dt, A, B, C, D, z, dt_bias):
 
 def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
     """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P).
-
-    Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2).
-    """
+    Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2)."""
     if use_kernels:
         return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk_size)
     b, L, H, P = x.shape
@@ -167,12 +162,9 @@ def _check_input(hidden_states, d_model):
 
 
 class SelectiveSSM(nn.Module):
-    """What Mamba 1 and 2 share: A from A_log, by default or in mimetic form (§3.1).
-
-    `mimetic_c` is None for the reference parameterization A = −exp(A_log). mimetic_init_ sets it to a
-    scalar buffer c, so A = −exp(−c · A_log) persists through training and in the state dict, which
-    loads into a model given the same mimetic_init_ (or anywhere, after bake_mimetic_A_).
-    """
+    """What Mamba 1 and 2 share: A = −exp(A_log), or, once mimetic_init_ sets the buffer mimetic_c, the
+    mimetic A = −exp(−c · A_log) (§3.1), kept through training and in the state dict (which loads into a
+    model given the same mimetic_init_, or anywhere after bake_mimetic_A_)."""
 
     def __init__(self):
         super().__init__()
@@ -185,11 +177,9 @@ class SelectiveSSM(nn.Module):
 
 
 class Mamba1(SelectiveSSM):
-    """The Mamba 1 block (Eq. 9) with the reference module's parameter names, shapes and init.
-
-    out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ),  [x, z] = in_proj(u);  x_proj rows are [dt, B, C].
-    Input and output: (batch, length, d_model).
-    """
+    """The Mamba 1 block (Eq. 9) with the reference module's parameter names, shapes and init:
+    out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj rows are [dt, B, C].
+    Input and output: (batch, length, d_model)."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=1e-3, dt_max=0.1,
                  dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
@@ -317,19 +307,16 @@ class LinearAttention(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # The language model: embedding → pre-norm residual blocks → final norm → tied head
 
-# Architectures: one entry per kind of sequence mixer. A mixer's letter marks its layers in
-# ModelConfig.pattern; `build(cfg, i)` makes layer i's mixer; `defaults` fill the ModelConfig fields the
-# caller leaves None. Registering an architecture is one entry here (and its class).
-
 @dataclass(frozen=True)
 class Arch:
-    letter: str                                  # its layers' letter in ModelConfig.pattern
-    build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → the layer's mixer
-    defaults: dict = field(default_factory=dict)  # d_state, headdim, expand, d_conv where they apply
+    """A kind of sequence mixer. Registering one is an entry in ARCHS (and its class)."""
+    letter: str                                       # its layers' letter in ModelConfig.pattern
+    build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → that layer's mixer
+    defaults: dict = field(default_factory=dict)      # the ModelConfig fields left None take these
 
 
-# The Mamba classes keep the reference modules' signatures (Mamba1's d_state=16 is mamba_ssm's); the
-# paper's values come from this table, which ModelConfig passes to them explicitly.
+# The paper's values live here, and ModelConfig passes them explicitly: the Mamba classes keep the
+# reference modules' signatures (Mamba1's d_state=16 is mamba_ssm's).
 ARCHS = {
     "mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
                                               d_conv=cfg.d_conv, expand=cfg.expand),
@@ -399,11 +386,6 @@ class ModelConfig:
         return names[0]
 
 
-def make_mixer(cfg, index):
-    """The sequence mixer of layer `index`, built by the architecture its letter in cfg.pattern names."""
-    return ARCHS[cfg.arch_of(cfg.pattern[index])].build(cfg, index)
-
-
 class Block(nn.Module):
     def __init__(self, mixer, d_model):
         super().__init__()
@@ -421,7 +403,8 @@ class LM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(make_mixer(config, i), config.d_model) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(ARCHS[config.arch_of(letter)].build(config, i), config.d_model)
+                                    for i, letter in enumerate(config.pattern))
         self.norm_f = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied
@@ -522,12 +505,10 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mamba layers of any library: ours, transformers' and mamba_ssm's
-#
-# Where a Mamba layer keeps what mimetic_init_ sets and what the maps read (its Layout), how to find the
-# Mamba layers of a model, and their SSM's inputs and parameters. Our blocks' forward does not come here;
-# this section is what lets mimetic.py, copied into a project whose Mambas come from transformers or
-# mamba_ssm, initialize them and draw their maps.
+# Mamba layers of any library: ours, transformers' and mamba_ssm's. Where a layer keeps what mimetic_init_
+# sets and the maps read (its Layout), the Mamba layers of a model, their SSM's inputs. Our blocks' forward
+# does not come here: this is what lets mimetic.py, copied into a project whose Mambas come from
+# transformers or mamba_ssm, initialize them and draw their maps.
 
 @dataclass
 class Layout:
