@@ -511,11 +511,12 @@ def test_gpu_real_mamba_ssm_modules():
 @pytest.mark.long
 def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
     import figures
+    import pipeline
     import train
     hf_model(1, num_hidden_layers=3).save_pretrained(tmp_path)
     args = train.build_parser().parse_args(["--pretrained", str(tmp_path), "--vocab-size", "4"])
     c = train.resolve_config(vars(args))
-    model, inputs = train.Pretrained(c), train.example_inputs(c)
+    model, inputs = pipeline.Pretrained(c), train.example_inputs(c)
     true = true_mixer_inputs(model.model, model.ids[inputs])
     for (amap, mask), block, h in zip(figures.attention_panels(model, inputs), model.layers, true, strict=True):
         assert torch.equal(torch.from_numpy(amap), attention_map(block.mixer, h)[0].detach())
@@ -524,6 +525,7 @@ def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
 
 @pytest.mark.long
 def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_layers(tmp_path, capsys):
+    import pipeline
     import train
     teacher = tmp_path / "teacher"
     hf_model(1).save_pretrained(teacher)  # no tokenizer saved: task tokens are the model's ids 0, 1, ...
@@ -537,7 +539,7 @@ def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_la
     report = json.loads((tmp_path / "mimetic" / "report_init.json").read_text())
     assert [r["layer"] for r in report] == [0, 1] and all(abs(r["delta"] - 1) < 1e-6 for r in report)
     c = train.resolve_config({**vars(train.build_parser().parse_args(tiny)), "teacher_layer": 1, "n_layers": 3})
-    student, source = train.Pretrained(c), hf_model(1).backbone.layers[1]
+    student, source = pipeline.Pretrained(c), hf_model(1).backbone.layers[1]
     assert len(student.layers) == 3 and all(torch.equal(block.mixer.in_proj.weight, source.mixer.in_proj.weight)
                                             for block in student.layers)
     mimetic_model = train.build_model({**c, "teacher_layer": None, "mimetic": True})
