@@ -271,6 +271,32 @@ def test_dry_run_names_the_source_of_every_value_a_preset_sets(capsys):
                            presets.config_sources(name, scale, config).values()), (name, scale, config)
 
 
+@pytest.mark.long
+def test_a_new_architecture_is_one_registry_entry_and_trains_through_train_py(tmp_path, monkeypatch, capsys):
+    """mimetic.ARCHS["toy"] (test_mimetic.py's ToyMixer, a causal depthwise conv) and nothing else: --arch offers
+    it, its size comes from the entry's defaults, and train.py's one run trains it into a folder with every
+    output (its attention map panels say it has none)."""
+    from test_mimetic import ToyMixer
+    monkeypatch.setitem(mimetic.ARCHS, "toy", mimetic.Arch("T", lambda cfg, i: ToyMixer(cfg.d_model, cfg.d_state),
+                                                           dict(d_state=6)))
+    args = ["--arch", "toy", "--d-model", "16", "--vocab-size", "4", "--train-len", "4", "--batch-size", "8",
+            "--eval-batches", "1", "--threads", "1", "--device", "cpu", "--steps", "4", "--eval-every", "2"]
+    out = tmp_path / "toy"
+    train.main([*args, "--out", str(out)])
+    assert "copy_toy_default: 1 run into" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert (config["arch"], config["pattern"], config["d_state"]) == ("toy", "TT", 6)
+    model = train.build_model(train.resolve_config(config))
+    assert [type(block.mixer) for block in model.layers] == [ToyMixer, ToyMixer]
+    assert [r["step"] for r in rows_of(out)] == [0, 2, 4] and (out / "done").exists()
+    assert (out / "attention_final.png").exists() and not (out / "report_final.json").exists()  # no Mamba layer
+    monkeypatch.undo()
+    assert "toy" not in mimetic.ARCHS
+    with pytest.raises(SystemExit):
+        train.main([*args, "--out", str(tmp_path / "gone")])
+    assert "invalid choice: 'toy'" in capsys.readouterr().err
+
+
 def test_mimetic_flags_reach_the_model():
     base = dict(d_model=16, n_layers=2, d_state=4, headdim=8, arch="mamba2")
     model = train.build_model(train.resolve_config(dict(base, mimetic_parts=["A", "conv"], mimetic_layers=[1])))
