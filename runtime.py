@@ -1,5 +1,6 @@
-"""runtime.py — what one run of train.py needs from its process and leaves in its folder, beside training:
-the threads it takes, Ctrl-C and SIGTERM at a step boundary, the metrics files and the final table.
+"""runtime.py — what one run of train.py needs from its process and its folder, beside training: the threads
+it takes, Ctrl-C and SIGTERM at a step boundary, the metrics files and the final table, checkpoint files
+written atomically, and a user's mistake as one line. train.py decides what goes in them.
 """
 import json
 import os
