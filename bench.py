@@ -463,7 +463,7 @@ def _time_run(c, device, steps, warmup=2):
     run.read_losses()  # waits for the GPU
     step_ms = 1e3 * (time.perf_counter() - start) / steps
     start = time.perf_counter()
-    train.evaluate_lengths(run.model, dict(run.c, eval_batches=1), run.device)
+    train.evaluate_lengths(run.model, dict(run.cfg, eval_batches=1), run.device)
     sync()
     return step_ms, 1e3 * (time.perf_counter() - start) * c["eval_batches"]
 
