@@ -85,8 +85,8 @@ def _worker(spec):
         model = (mimetic.mimetic_init_(model) if spec["mimetic"] else model).to(device)
         forward = torch.compile(model, dynamic=True) if spec["contender"] == "compile" else model
     if spec["threads"] is None:  # train.py's default for this model
-        import train
-        spec["threads"] = train.default_threads(sum(p.numel() for p in model.parameters()))
+        import runtime
+        spec["threads"] = runtime.default_threads(sum(p.numel() for p in model.parameters()))
     torch.set_num_threads(spec["threads"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [[t.to(device) for t in batch] for batch in torch.load(spec["batches"])]
@@ -112,9 +112,10 @@ def _worker(spec):
 
 def _step_config(args, arch):
     """(label, train.py's resolved config) of the main job, or of a preset's first config of that arch."""
+    import presets
     import train
     if args.preset:
-        _, shared, grid = train.presets(args.scale)[args.preset]
+        _, shared, grid = presets.presets(args.scale)[presets.ALIASES.get(args.preset, args.preset)]
         configs = {name: train.resolve_config({**shared, **flags, "device": "cpu"}) for name, flags in grid.items()}
         name, c = next(((n, c) for n, c in configs.items() if c["arch"] == arch), (None, None))
         if c is None:
@@ -462,22 +463,24 @@ def _time_run(c, device, steps, warmup=2):
     run.read_losses()  # waits for the GPU
     step_ms = 1e3 * (time.perf_counter() - start) / steps
     start = time.perf_counter()
-    train.evaluate_lengths(run.model, dict(run.c, eval_batches=1), run.device)
+    train.evaluate_lengths(run.model, dict(run.cfg, eval_batches=1), run.device)
     sync()
     return step_ms, 1e3 * (time.perf_counter() - start) * c["eval_batches"]
 
 
 def check(args):
+    import presets as setups
+    import sweep
     import train
     device = torch.device(args.device)
     scale = args.scale or ("paper" if device.type == "cuda" else "cpu")
     steps = args.steps or (5 if device.type == "cuda" else 2)
-    everything = list(train.presets(scale))
+    everything = list(setups.presets(scale))
     presets = everything if args.presets == "all" else args.presets.split(",") if args.presets else (
         everything if device.type == "cuda" else ["fig1"])  # on a CPU: one grid, in seconds
     extra = dict(scan_backend=args.scan_backend, threads=args.threads)
     first = {}  # the first config of each architecture (layer pattern) over the presets
-    for preset, (_, shared, configs) in train.presets(scale).items():
+    for preset, (_, shared, configs) in setups.presets(scale).items():
         for flags in configs.values():
             c = train.resolve_config({**shared, **flags, "device": "cpu"})
             if not c["pretrained"]:
@@ -502,7 +505,7 @@ def check(args):
           f"end to end\n| preset | runs | est. hours, 1 device | est. hours, {args.devices} devices |\n"
           f"|---|---:|---:|---:|")
     for preset in presets:
-        runs = [c for _, c in train.grid(["--preset", preset, "--scale", scale, "--device", "cpu"])[3]]
+        runs = [c for _, c in sweep.grid(["--preset", preset, "--scale", scale, "--device", "cpu"]).runs]
         if any(c["pretrained"] for c in runs):
             print(f"| {preset} | {len(runs)} | not estimated: it trains a pretrained model | |")
             continue

@@ -20,10 +20,7 @@ matplotlib.use("Agg")  # figures go to files; no display needed
 import matplotlib.pyplot as plt
 import torch
 
-from mimetic import attention_map, attention_mask, layout_of, mixer_inputs
-
-METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
-           "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
+from mimetic import METRICS, attention_map, attention_mask, layout_of, mixer_inputs  # METRICS: train.py's too
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,13 +340,17 @@ def plot_against(rows, configs, key, path, title="", metrics=("exact_match", "to
 @torch.no_grad()
 def attention_panels(model, inputs):
     """Per layer: (average attention map, average mask ∏Ā or None) on one example, as numpy arrays, from what
-    each mixer reads (mixer_inputs: forward pre-hooks, for ours and transformers' models alike)."""
+    each mixer reads (mixer_inputs: forward pre-hooks, for ours and transformers' models alike). A mixer with
+    no attention matrix (an architecture registered in mimetic.ARCHS without one) gets (None, None)."""
     panels = []
     for i, h in mixer_inputs(model, inputs).items():
         mixer = model.layers[i].mixer
         is_ssm = layout_of(mixer) is not None  # ours, or a transformers / mamba_ssm Mamba layer
         mask = attention_mask(mixer, h)[0].cpu().numpy() if is_ssm else None
-        panels.append((attention_map(mixer, h)[0].cpu().numpy(), mask))
+        try:
+            panels.append((attention_map(mixer, h)[0].cpu().numpy(), mask))
+        except TypeError:  # attention_matrix knows Mamba layers, Attention and LinearAttention
+            panels.append((None, None))
     return panels
 
 
@@ -357,13 +358,17 @@ def plot_attention(panels, title, path):
     """Each layer's attention map (§2, top) and average mask ∏Ā (bottom)."""
     fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.2), squeeze=False)
     for i, (amap, mask) in enumerate(panels):
-        axes[0, i].imshow(amap, cmap="viridis")
+        if amap is None:
+            axes[0, i].text(0.5, 0.5, "no attention map", ha="center", va="center")
+        else:
+            axes[0, i].imshow(amap, cmap="viridis")
         axes[0, i].set_title(f"layer {i} map", fontsize=9)
         if mask is not None:
             axes[1, i].imshow(mask, cmap="magma", vmin=0, vmax=1)
             axes[1, i].set_title(f"layer {i} mask ∏Ā", fontsize=9)
         else:
-            axes[1, i].text(0.5, 0.5, "attention:\nno mask", ha="center", va="center")
+            axes[1, i].text(0.5, 0.5, "attention:\nno mask" if amap is not None else "no mask", ha="center",
+                            va="center")
         for ax in axes[:, i]:
             ax.set_xticks([]), ax.set_yticks([])
     _save(fig, path, title)

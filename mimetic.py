@@ -18,16 +18,16 @@ Glossary (code → paper):
   attention_matrix            M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
   attention_map / _mask               channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
 
-Reading order: the selective scan (the spec), norms, Mamba 1, Mamba 2, baselines, the LM, mimetic init,
-attention maps, tasks. Uses the kernels.py beside this file (fast scans) when there is one, its own short
-loop otherwise.
+Reading order: the selective scan (the spec), norms, Mamba 1 and 2, baselines, the LM and its table of
+architectures, mimetic init, other libraries' Mamba layers, attention maps, tasks, evaluate.
 """
 import importlib.util
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -35,23 +35,33 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 
-def _companion_kernels():
-    """The kernels.py in this file's folder, loaded by path under a private name: another module called
-    `kernels` (the Hugging Face kernel hub's is one) is never used, and never shadowed. A kernels.py that
-    is not ours is not even run. None when mimetic.py was copied alone: its own loops do the work."""
+def _fast_path():
+    """kernels.py, the fast scans: in a checkout (or pip install -e .) the kernels.py beside this file, loaded
+    by path under the private name mimetic_kernels; after pip install ., the module mimetic_kernels. Another
+    `kernels` (the Hugging Face kernel hub's is one) is never run, nor a kernels.py without our marker line.
+    Without them (mimetic.py copied alone) this file's own loops do the work, and one warning says why."""
     path = Path(__file__).with_name("kernels.py")
-    if not path.is_file():
-        return None
-    if "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
-        warnings.warn(f"{path} is not mimetic's kernels.py; mimetic.py uses its own PyTorch loops")
-        return None
-    spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if path.is_file() and "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
+        why = f"{path} is not mimetic's kernels.py"
+    else:
+        try:
+            if not path.is_file():
+                import mimetic_kernels
+                return mimetic_kernels
+            spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
+            module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except Exception as error:
+            sys.modules.pop("mimetic_kernels", None)
+            missing = isinstance(error, ModuleNotFoundError) and error.name == "mimetic_kernels"
+            why = (f"no kernels.py beside {__file__}, and no module mimetic_kernels" if missing else
+                   f"{path if path.is_file() else 'mimetic_kernels'} failed to import: {error!r}")
+    warnings.warn(f"mimetic runs its own PyTorch loops, about 8× slower than kernels.py's scans: {why}")
+    return None
 
 
-kernels = _companion_kernels()
+kernels = _fast_path()
 use_kernels = kernels is not None  # set False to force the readable loop (tests compare the two)
 SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimetic dt bias (§3.1)
 
@@ -61,10 +71,8 @@ SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimeti
 
 def selective_scan_loop(u, delta, A, B, C):
     """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), one step at a time.
-
     u, delta: (b, D, L); A: (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G).
-    Returns y: (b, D, L). unbind() slices time once, so autograd does not copy (b, D, L) per step.
-    """
+    Returns y: (b, D, L). unbind() slices time once, so autograd does not copy (b, D, L) per step."""
     b, D, L = u.shape
     G, N = B.shape[1], B.shape[2]
     h = u.new_zeros(b, G, D // G, N)
@@ -88,9 +96,7 @@ def selective_scan(u, dt, A, B, C, D, z, dt_bias):
 
 def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
     """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P).
-
-    Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2).
-    """
+    Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2)."""
     if use_kernels:
         return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk_size)
     b, L, H, P = x.shape
@@ -156,12 +162,9 @@ def _check_input(hidden_states, d_model):
 
 
 class SelectiveSSM(nn.Module):
-    """What Mamba 1 and 2 share: A from A_log, by default or in mimetic form (§3.1).
-
-    `mimetic_c` is None for the reference parameterization A = −exp(A_log). mimetic_init_ sets it to a
-    scalar buffer c, so A = −exp(−c · A_log) persists through training and in the state dict, which
-    loads into a model given the same mimetic_init_ (or anywhere, after bake_mimetic_A_).
-    """
+    """What Mamba 1 and 2 share: A = −exp(A_log), or, once mimetic_init_ sets the buffer mimetic_c, the
+    mimetic A = −exp(−c · A_log) (§3.1), kept through training and in the state dict (which loads into a
+    model given the same mimetic_init_, or anywhere after bake_mimetic_A_)."""
 
     def __init__(self):
         super().__init__()
@@ -174,11 +177,9 @@ class SelectiveSSM(nn.Module):
 
 
 class Mamba1(SelectiveSSM):
-    """The Mamba 1 block (Eq. 9) with the reference module's parameter names, shapes and init.
-
-    out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ),  [x, z] = in_proj(u);  x_proj rows are [dt, B, C].
-    Input and output: (batch, length, d_model).
-    """
+    """The Mamba 1 block (Eq. 9) with the reference module's parameter names, shapes and init:
+    out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj rows are [dt, B, C].
+    Input and output: (batch, length, d_model)."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=1e-3, dt_max=0.1,
                  dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
@@ -200,7 +201,12 @@ class Mamba1(SelectiveSSM):
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
     def forward(self, hidden_states):
-        x, dt, B, C, z = ssm_inputs(self, hidden_states)
+        _check_input(hidden_states, self.d_model)
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
+        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.T  # (b, L, D): W_Δ X; the scan adds b_Δ
+        x, dt, B, C, z = (t.transpose(1, 2) for t in (x, dt, B, C, z))  # time last: (b, D or N, L)
         y = selective_scan(x, dt, self.A, B, C, self.D.float(), z, self.dt_proj.bias.float())
         return self.out_proj(y.transpose(1, 2))  # (b, L, d_model)
 
@@ -230,7 +236,11 @@ class Mamba2(SelectiveSSM):
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
     def forward(self, hidden_states):
-        x, dt, B, C, z = ssm_inputs(self, hidden_states)
+        _check_input(hidden_states, self.d_model)
+        D, G, N, H = self.d_inner, self.ngroups, self.d_state, self.nheads
+        z, xBC, dt = self.in_proj(hidden_states).split([D, D + 2 * G * N, H], dim=-1)  # dt: (b, L, H)
+        x, B, C = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)).split([D, G * N, G * N], dim=-1)
+        x, B, C = x.unflatten(-1, (H, self.headdim)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
         y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
         y = self.norm(y.reshape(*z.shape), z)  # (b, L, D)
         return self.out_proj(y)
@@ -297,17 +307,44 @@ class LinearAttention(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # The language model: embedding → pre-norm residual blocks → final norm → tied head
 
+@dataclass(frozen=True)
+class Arch:
+    """A kind of sequence mixer. Registering one is an entry in ARCHS (and its class)."""
+    letter: str                                       # its layers' letter in ModelConfig.pattern
+    build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → that layer's mixer
+    defaults: dict = field(default_factory=dict)      # the ModelConfig fields left None take these
+
+
+# The paper's values live here, and ModelConfig passes them explicitly: the Mamba classes keep the
+# reference modules' signatures (Mamba1's d_state=16 is mamba_ssm's).
+ARCHS = {
+    "mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                              d_conv=cfg.d_conv, expand=cfg.expand),
+                   dict(d_state=32,  # §5 "For all Mamba 1 experiments, we use state size 32"
+                        expand=2, d_conv=4)),  # the reference Mamba's
+    "mamba2": Arch("M", lambda cfg, i: Mamba2(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                              d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+                                              ngroups=cfg.ngroups, chunk_size=cfg.chunk_size),
+                   dict(d_state=128,  # §5 "state size 128 unless otherwise noted"
+                        headdim=64,  # §5 "head dimension 64"
+                        expand=2, d_conv=4)),  # the reference Mamba2's
+    "attention": Arch("A", lambda cfg, i: Attention(cfg.d_model, cfg.n_heads)),
+    "linear": Arch("L", lambda cfg, i: LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)),
+}
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32
     d_model: int = 64
     n_layers: int = 4
-    arch: str = "mamba1"          # "mamba1" | "mamba2": the block behind the letter M
-    pattern: str | None = None    # one letter per layer: M (Mamba), A (attention), L (linear attention)
-    d_state: int | None = None    # None: the block's default, 16 (Mamba 1) or 128 (Mamba 2)
-    expand: int = 2
-    d_conv: int = 4
-    headdim: int = 64             # Mamba 2
+    arch: str = "mamba1"          # a name in ARCHS; the letter M stands for it when it is a Mamba
+    pattern: str | None = None    # one letter per layer (M Mamba, A attention, L linear attention, ...);
+                                  # None: arch's letter in every layer
+    d_state: int | None = None    # None: ARCHS[arch].defaults, e.g. N = 32 (Mamba 1), 128 (Mamba 2)
+    expand: int | None = None     # None: ARCHS[arch].defaults (2)
+    d_conv: int | None = None     # None: ARCHS[arch].defaults (4)
+    headdim: int | None = None    # Mamba 2; None: ARCHS[arch].defaults (64)
     ngroups: int = 1              # Mamba 2
     chunk_size: int = 64          # Mamba 2
     n_heads: int = 1              # attention and linear attention
@@ -315,14 +352,21 @@ class ModelConfig:
     layer_d_state: dict | None = None  # {layer index: N} for Mamba layers whose N differs (Fig. 5)
 
     def __post_init__(self):
-        if self.arch not in ("mamba1", "mamba2"):
-            raise ValueError(f"arch must be 'mamba1' or 'mamba2', got {self.arch!r}")
-        self.pattern = self.pattern or "M" * self.n_layers
-        if len(self.pattern) != self.n_layers or set(self.pattern) - set("MAL"):
-            raise ValueError(f"pattern must be {self.n_layers} letters from M, A, L, got {self.pattern!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name, value in ARCHS[self.arch].defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.pattern = self.pattern or ARCHS[self.arch].letter * self.n_layers
+        letters = {arch.letter for arch in ARCHS.values()}
+        if len(self.pattern) != self.n_layers or set(self.pattern) - letters:
+            raise ValueError(f"pattern must be {self.n_layers} letters from {', '.join(sorted(letters))}, "
+                             f"got {self.pattern!r}")
+        for letter in set(self.pattern):
+            self.arch_of(letter)  # each letter names one architecture
         for name in ("vocab_size", "d_model", "n_layers", "expand", "d_conv", "headdim", "n_heads",
                      "linear_head_dim", "ngroups", "chunk_size", "d_state"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:  # d_state None: the block's default
+            if getattr(self, name) is not None and getattr(self, name) <= 0:  # None: no arch here uses it
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
         for i, n in self.layer_d_state.items():
@@ -330,19 +374,16 @@ class ModelConfig:
                 raise ValueError(f"layer_d_state {{{i}: {n}}}: needs a Mamba layer (M) of pattern "
                                  f"{self.pattern} and a positive N")
 
-
-def make_mixer(cfg, index):
-    """The sequence mixer of layer `index`, from its letter in cfg.pattern."""
-    letter, N = cfg.pattern[index], cfg.layer_d_state.get(index, cfg.d_state)
-    if letter == "A":
-        return Attention(cfg.d_model, cfg.n_heads)
-    if letter == "L":
-        return LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)
-    state = {} if N is None else {"d_state": N}
-    if cfg.arch == "mamba1":
-        return Mamba1(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, **state)
-    return Mamba2(cfg.d_model, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-                  ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, **state)
+    def arch_of(self, letter):
+        """The architecture a pattern letter stands for: cfg.arch if it is its letter, else the one registered
+        architecture with that letter (M, shared by mamba1 and mamba2, needs arch to say which)."""
+        if ARCHS[self.arch].letter == letter:
+            return self.arch
+        names = [name for name, arch in ARCHS.items() if arch.letter == letter]
+        if len(names) != 1:
+            raise ValueError(f"pattern {self.pattern!r} has {letter}, which stands for one of {', '.join(names)}: "
+                             f"set arch to one of them (it is {self.arch!r})")
+        return names[0]
 
 
 class Block(nn.Module):
@@ -362,7 +403,8 @@ class LM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(make_mixer(config, i), config.d_model) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(ARCHS[config.arch_of(letter)].build(config, i), config.d_model)
+                                    for i, letter in enumerate(config.pattern))
         self.norm_f = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied
@@ -395,6 +437,78 @@ class LM(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Mimetic initialization (§3), of our blocks and of the Mamba layers of transformers and mamba_ssm
+
+@torch.no_grad()
+def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=None):
+    """Apply the paper's mimetic initialization (§3) in place to the Mamba layers of `module`: our Mamba1,
+    Mamba2 or LM; transformers' MambaMixer, Mamba2Mixer or a model of them (MambaForCausalLM, ...);
+    mamba_ssm's Mamba, Mamba2 or MambaLMHeadModel. `layers`: indices into the model's blocks (mamba_layers).
+
+      A ≈ 0, Ā ≈ 1   A = −exp(−c · A_log): ours keep c in mimetic_c; others get a parametrization (§3.1)
+      Δ ≈ 1          W_Δ = 0 (dt_proj.weight; Mamba 2: the dt rows of in_proj and of its bias) and
+                     b_Δ = softplus⁻¹(1) ≈ 0.5413 (§3.1)
+      W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
+      conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
+
+    W_C is still its default init here, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B, whose mean is ½ E[W_Bᵀ W_B] =
+    N / (6 · fan_in) · I for the default U(±1/√fan_in) init (fan_in = d_inner for Mamba 1, d_model for
+    Mamba 2): a scaled identity, of rank N. conv=None: on for Mamba 2, off for Mamba 1 (§3, Fig. 3). Where
+    A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state dimension of every Mamba 1 channel
+    (D of its D·N entries) and head 0 of transformers' Mamba 2 (A_log = log(1..H)); not mamba_ssm's Mamba 2.
+
+    Every layer is checked before any changes. A second call changes nothing: W_C is averaged again only
+    if it changed since (the layer keeps what it set in a non-persistent buffer, mimetic_W_C).
+    """
+    if c <= 0:
+        raise ValueError(f"c must be positive, got {c}")
+    found = mamba_layers(module)
+    if not found:
+        raise TypeError(f"no Mamba layer in {type(module).__name__}: mimetic_init_ looks for mimetic.py's Mamba1 "
+                        f"and Mamba2, {', '.join('.'.join(key) for key in LAYOUTS)} and models made of them")
+    chosen = sorted(found) if layers is None else list(layers)
+    if bad := [i for i in chosen if i not in found]:
+        raise ValueError(f"layers {bad} are not Mamba layers of this model; its Mamba layers are {sorted(found)}")
+    if len(set(chosen)) < len(chosen):
+        raise ValueError(f"layers {chosen} names a layer more than once")
+    todo = [(found[i], layout_of(found[i])) for i in chosen]
+    for layer, where in todo if dt else ():
+        if not where.dt_limit[0] <= 1 <= where.dt_limit[1]:
+            raise ValueError(f"{_name(layer)} clamps Δ to {where.dt_limit}: Δ = 1 is impossible; pass dt=False or "
+                             "widen its dt_limit / time_step_limit")
+    for layer, where in todo:
+        if A and isinstance(layer, SelectiveSSM):
+            layer.mimetic_c = torch.tensor(float(c), device=layer.A_log.device)
+        elif A and parametrize.is_parametrized(layer, "A_log"):
+            layer.parametrizations.A_log[0].c.fill_(c)
+        elif A:
+            decay = getattr(layer.A_log, "_no_weight_decay", False)
+            parametrize.register_parametrization(layer, "A_log", MimeticA(c).to(layer.A_log.device), unsafe=True)
+            layer.parametrizations.A_log.original._no_weight_decay = decay
+        if dt:
+            where.dt_weight.zero_()
+            where.dt_bias.fill_(SOFTPLUS_INV_1)
+            if where.dt_in_bias is not None:
+                where.dt_in_bias.zero_()
+        W_C = lambda: torch.cat([where.proj.weight[rows] for rows in where.C])
+        if bc and not (hasattr(layer, "mimetic_W_C") and torch.equal(layer.mimetic_W_C, W_C())):
+            for rows_B, rows_C in zip(where.B, where.C):
+                for t in (where.proj.weight, where.proj.bias):
+                    if t is not None:
+                        t[rows_C] = 0.5 * (t[rows_C] + t[rows_B])
+            layer.register_buffer("mimetic_W_C", W_C(), persistent=False)
+        if where.version == 2 if conv is None else conv:
+            layer.conv1d.weight.zero_()
+            layer.conv1d.weight[:, 0, -1] = 1.0
+            if layer.conv1d.bias is not None:
+                layer.conv1d.bias.zero_()
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mamba layers of any library: ours, transformers' and mamba_ssm's. Where a layer keeps what mimetic_init_
+# sets and the maps read (its Layout), the Mamba layers of a model, their SSM's inputs. Our blocks' forward
+# does not come here: this is what lets mimetic.py, copied into a project whose Mambas come from
+# transformers or mamba_ssm, initialize them and draw their maps.
 
 @dataclass
 class Layout:
@@ -430,20 +544,28 @@ def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
                   None if W.bias is None else W.bias[-H:], tuple(dt_limit))
 
 
-LAYOUTS = {  # class name → layout: one entry per kind of Mamba layer (ours, mamba_ssm's, transformers')
-    "Mamba1": lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),  # mimetic.py
-    "Mamba": lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),  # mamba_ssm.Mamba
-    "MambaMixer": lambda m: _mamba1_layout(m, m.ssm_state_size, m.time_step_rank),  # transformers
-    "Mamba2": lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads, getattr(m, "dt_limit", (0.0, math.inf))),
-    "Mamba2Mixer": lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads, m.time_step_limit),
+LAYOUTS = {  # (library, class name) → layout of another library's Mamba layer
+    ("mamba_ssm", "Mamba"): lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),
+    ("mamba_ssm", "Mamba2"): lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads,
+                                                      getattr(m, "dt_limit", (0.0, math.inf))),
+    ("transformers", "MambaMixer"): lambda m: _mamba1_layout(m, m.ssm_state_size, m.time_step_rank),
+    ("transformers", "Mamba2Mixer"): lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads,
+                                                              m.time_step_limit),
 }
 _name = lambda layer: parametrize.type_before_parametrizations(layer).__name__  # the user's class, not Parametrized…
 
 
 def layout_of(layer):
-    """The Layout of a Mamba layer (by its class, or the class a parametrization derived from), else None."""
-    kind = next((k.__name__ for k in type(layer).__mro__ if k.__name__ in LAYOUTS), None)
-    return LAYOUTS[kind](layer) if kind else None
+    """The Layout of a Mamba layer, else None. Ours are told by isinstance; another library's by a class of its
+    type's (a parametrization derives one) with a name in LAYOUTS, defined in a module of that library."""
+    if isinstance(layer, Mamba1):
+        return _mamba1_layout(layer, layer.d_state, layer.dt_rank)
+    if isinstance(layer, Mamba2):
+        return _mamba2_layout(layer, layer.d_state, layer.ngroups, layer.nheads)
+    for cls in type(layer).__mro__:
+        if (key := (cls.__module__.partition(".")[0], cls.__name__)) in LAYOUTS:
+            return LAYOUTS[key](layer)
+    return None
 
 
 def sequence_mixers(module):
@@ -483,7 +605,11 @@ def mixer_inputs(model, input_ids):
 
 class MimeticA(nn.Module):
     """A_log = −c · raw as a torch.nn.utils.parametrize parametrization, for layers whose source we do not
-    edit: their own forward then computes A = −exp(A_log) = −exp(−c · raw), raw the trained parameter."""
+    edit: their own forward then computes A = −exp(A_log) = −exp(−c · raw), raw the trained parameter.
+    The state dict holds raw (which trains, _no_weight_decay kept) as `...parametrizations.A_log.original`
+    and c as `...A_log.0.c`; it loads into a model given the same mimetic_init_, into others after
+    bake_mimetic_A_ (from_pretrained would re-draw the missing A_log with a mere warning). The layer's own
+    weight init, run again, misses raw."""
 
     def __init__(self, c):
         super().__init__()
@@ -491,77 +617,6 @@ class MimeticA(nn.Module):
 
     def forward(self, raw):
         return -self.c * raw
-
-
-@torch.no_grad()
-def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=None):
-    """Apply the paper's mimetic initialization (§3) in place to the Mamba layers of `module`: our Mamba1,
-    Mamba2 or LM; transformers' MambaMixer, Mamba2Mixer or a model of them (MambaForCausalLM, ...);
-    mamba_ssm's Mamba, Mamba2 or MambaLMHeadModel. `layers`: indices into the model's blocks (mamba_layers).
-
-      A ≈ 0, Ā ≈ 1   A = −exp(−c · A_log): ours keep c in mimetic_c; others get a parametrization (§3.1)
-      Δ ≈ 1          W_Δ = 0 (dt_proj.weight; Mamba 2: the dt rows of in_proj and of its bias) and
-                     b_Δ = softplus⁻¹(1) ≈ 0.5413 (§3.1)
-      W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
-      conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
-
-    W_C is still its default init here, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B, whose mean is ½ E[W_Bᵀ W_B] =
-    N / (6 · fan_in) · I for the default U(±1/√fan_in) init (fan_in = d_inner for Mamba 1, d_model for
-    Mamba 2): a scaled identity, of rank N. conv=None: on for Mamba 2, off for Mamba 1 (§3, Fig. 3). Where
-    A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state dimension of every Mamba 1 channel
-    (D of its D·N entries) and head 0 of transformers' Mamba 2 (A_log = log(1..H)); not mamba_ssm's Mamba 2.
-
-    In transformers' and mamba_ssm's layers A_log becomes a parametrization (MimeticA): the state dict holds
-    raw (which trains, _no_weight_decay kept) as `...parametrizations.A_log.original` and c as `...A_log.0.c`;
-    it loads into a model given the same mimetic_init_, into others after bake_mimetic_A_ (from_pretrained
-    would re-draw the missing A_log with a mere warning). Their own weight init, run again, misses raw.
-
-    Every layer is checked before any changes. A second call changes nothing: W_C is averaged again only
-    if it changed since (the layer keeps what it set in a non-persistent buffer, mimetic_W_C).
-    """
-    if c <= 0:
-        raise ValueError(f"c must be positive, got {c}")
-    found = mamba_layers(module)
-    if not found:
-        raise TypeError(f"no Mamba layer in {type(module).__name__}: mimetic_init_ looks for {', '.join(LAYOUTS)} "
-                        "(mimetic.py, transformers, mamba_ssm) and models made of them")
-    chosen = sorted(found) if layers is None else list(layers)
-    if bad := [i for i in chosen if i not in found]:
-        raise ValueError(f"layers {bad} are not Mamba layers of this model; its Mamba layers are {sorted(found)}")
-    if len(set(chosen)) < len(chosen):
-        raise ValueError(f"layers {chosen} names a layer more than once")
-    todo = [(found[i], layout_of(found[i])) for i in chosen]
-    for layer, where in todo if dt else ():
-        if not where.dt_limit[0] <= 1 <= where.dt_limit[1]:
-            raise ValueError(f"{_name(layer)} clamps Δ to {where.dt_limit}: Δ = 1 is impossible; pass dt=False or "
-                             "widen its dt_limit / time_step_limit")
-    for layer, where in todo:
-        if A and isinstance(layer, SelectiveSSM):
-            layer.mimetic_c = torch.tensor(float(c), device=layer.A_log.device)
-        elif A and parametrize.is_parametrized(layer, "A_log"):
-            layer.parametrizations.A_log[0].c.fill_(c)
-        elif A:
-            decay = getattr(layer.A_log, "_no_weight_decay", False)
-            parametrize.register_parametrization(layer, "A_log", MimeticA(c).to(layer.A_log.device), unsafe=True)
-            layer.parametrizations.A_log.original._no_weight_decay = decay
-        if dt:
-            where.dt_weight.zero_()
-            where.dt_bias.fill_(SOFTPLUS_INV_1)
-            if where.dt_in_bias is not None:
-                where.dt_in_bias.zero_()
-        W_C = lambda: torch.cat([where.proj.weight[rows] for rows in where.C])
-        if bc and not (hasattr(layer, "mimetic_W_C") and torch.equal(layer.mimetic_W_C, W_C())):
-            for rows_B, rows_C in zip(where.B, where.C):
-                for t in (where.proj.weight, where.proj.bias):
-                    if t is not None:
-                        t[rows_C] = 0.5 * (t[rows_C] + t[rows_B])
-            layer.register_buffer("mimetic_W_C", W_C(), persistent=False)
-        if where.version == 2 if conv is None else conv:
-            layer.conv1d.weight.zero_()
-            layer.conv1d.weight[:, 0, -1] = 1.0
-            if layer.conv1d.bias is not None:
-                layer.conv1d.bias.zero_()
-    return module
 
 
 @torch.no_grad()
@@ -872,6 +927,11 @@ def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq
     if task == "mqar":
         return _mqar(batch_size, length, V, g, 6 * length if seq_len is None else seq_len)
     return (_selective_copy if task == "selective_copy" else _induction)(batch_size, length, V, g)
+
+
+# What evaluate returns, with the headings tables and plots give them
+METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
+           "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
 
 
 def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,

@@ -4,8 +4,12 @@ import importlib.util
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
+import tarfile
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +54,7 @@ print("ok")
 """
     out = run_python(script.replace("sys.path[1]", repr(str(project))), project, pythonpath=str(elsewhere))
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert out.stderr.count("UserWarning: mimetic runs its own PyTorch loops") == 1 and "no kernels.py beside" in out.stderr
 
 
 def test_a_kernels_py_beside_mimetic_that_is_not_ours_is_not_run(tmp_path):
@@ -60,31 +65,70 @@ def test_a_kernels_py_beside_mimetic_that_is_not_ours_is_not_run(tmp_path):
     assert "is not mimetic's kernels.py" in out.stderr  # one warning says why the fast path is off
 
 
-@pytest.mark.long
-def test_install_claims_only_the_name_mimetic(tmp_path):
-    """pip install -e . into a fresh environment: `import kernels` still finds the other package of that
-    name, train.py is no module, and mimetic.py still finds its own kernels.py, from any folder."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    pip = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "-e", HERE], capture_output=True,
-                         text=True, timeout=600)
+def fresh_venv(path):
+    """A venv that sees the running interpreter's packages (torch, hatchling, ...) through a .pth file: unlike
+    --system-site-packages, which gives the *system* Python's, this works from inside a venv too. The name
+    sorts first, so those packages are on sys.path before an editable install's .pth imports `editables`."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    python = str(path / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "00_outer_site_packages.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    return python, purelib
+
+
+def pip_install(python, *args):
+    """pip install --no-deps, offline when the running interpreter has the build backend (the test extra)."""
+    offline = all(importlib.util.find_spec(name) for name in ("hatchling", "editables"))
+    pip = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps",
+                          *(["--no-build-isolation"] if offline else []), *args], capture_output=True, text=True,
+                         timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    os.makedirs(os.path.join(site, "kernels"))
-    with open(os.path.join(site, "kernels", "__init__.py"), "w") as f:
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("editable", [True, False])
+def test_install_gives_the_fast_path_and_claims_only_the_name_mimetic(tmp_path, editable):
+    """pip install . (or -e .) into a fresh environment: mimetic runs kernels.py's scans without a word of
+    warning (installed as mimetic_kernels; with -e, the kernels.py beside mimetic.py), `import kernels` still
+    finds the other package of that name, and train.py is no module, from any folder."""
+    python, purelib = fresh_venv(tmp_path / "venv")
+    pip_install(python, *(["-e"] if editable else []), HERE)
+    os.makedirs(os.path.join(purelib, "kernels"))
+    with open(os.path.join(purelib, "kernels", "__init__.py"), "w") as f:
         f.write("WHOSE = 'the other package'\n")
-    code = """
-import importlib.util, os, kernels, mimetic
+    home = HERE if editable else purelib
+    code = f"""
+import importlib.util, os, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import mimetic
+assert not [w for w in caught if "mimetic" in str(w.message)], [str(w.message) for w in caught]
+import kernels
 assert kernels.WHOSE == 'the other package'
-assert mimetic.use_kernels and os.path.dirname(mimetic.kernels.__file__) == os.path.dirname(mimetic.__file__)
-assert mimetic.kernels.__name__ != 'kernels' and importlib.util.find_spec('train') is None
+assert mimetic.use_kernels and mimetic.kernels.__name__ == 'mimetic_kernels' and mimetic.kernels.MIMETIC_KERNELS
+assert os.path.dirname(mimetic.__file__) == {home!r}, mimetic.__file__
+assert mimetic.kernels.__file__ == os.path.join({home!r}, {'kernels.py' if editable else 'mimetic_kernels.py'!r})
+assert importlib.util.find_spec('train') is None
 print('ok')
 """
     out = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.long
+def test_the_wheel_ships_kernels_py_as_mimetic_kernels_and_the_sdist_ships_kernels_py(tmp_path):
+    pytest.importorskip("hatchling")
+    build = subprocess.run([sys.executable, "-m", "hatchling", "build", "-d", str(tmp_path)], cwd=HERE,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,), (sdist,) = tmp_path.glob("*.whl"), tmp_path.glob("*.tar.gz")
+    top = {name for name in zipfile.ZipFile(wheel).namelist() if "/" not in name}
+    assert top == {"mimetic.py", "mimetic_kernels.py"}  # no kernels.py, no train.py
+    with tarfile.open(sdist) as tar:
+        assert {"mimetic.py", "kernels.py"} <= {Path(name).name for name in tar.getnames()}
 
 
 def test_readme_own_model_example_runs(monkeypatch, tmp_path, capsys):
@@ -151,7 +195,7 @@ def test_bench_check_passes_here_and_prints_each_architectures_step_and_the_grid
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [[f.strip() for f in line.strip("|").split("|")] for line in done.stdout.splitlines() if line[:2] == "| "]
     assert [r[2] for r in rows if r[-1] == "ok"] == ["torch"] * 4 and "FAILED" not in done.stdout
-    assert {r[0] for r in rows if r[1] in ("fig1", "fig2", "linattn")} == {"mamba1", "mamba2", "MA", "ML"}
+    assert {r[0] for r in rows if r[1] in ("fig1", "fig2", "fig5")} == {"mamba1", "mamba2", "MA", "ML"}
     (fig1,) = [r for r in rows if r[0] == "fig1"]
     assert fig1[1] == "12" and float(fig1[2]) >= float(fig1[3]) > 0  # on 8 devices: no slower
     assert "ESTIMATED" in done.stdout and "all scan checks passed" in done.stdout

@@ -60,6 +60,7 @@ def test_inside_transformers_own_forward_the_layer_is_mimetic(version, scan_spy)
     W = [p.weight.detach().clone() for p in proj]
     mimetic_init_(model, c=4.0)
     model(torch.randint(0, VOCAB, (2, 9)))
+    assert len(scan_spy) == 2  # one scan per layer: the loop below checks something
     for k, seen in enumerate(scan_spy):
         bias = seen["delta_bias"][:, None] if version == 1 else seen["dt_bias"]
         delta = F.softplus(seen["dt"] + bias)
@@ -174,7 +175,8 @@ def test_where_A_log_is_zero_A_stays_minus_one_whatever_c():
 
 
 def test_an_unknown_module_is_a_clear_error():
-    with pytest.raises(TypeError, match="MambaMixer, Mamba2, Mamba2Mixer"):
+    with pytest.raises(TypeError, match="mamba_ssm.Mamba, mamba_ssm.Mamba2, transformers.MambaMixer, "
+                                        "transformers.Mamba2Mixer"):
         mimetic_init_(nn.Sequential(nn.Linear(2, 2)))
 
 
@@ -365,9 +367,10 @@ def test_maps_are_fp32_under_bf16_weights_and_under_bf16_autocast(kind):
 # ---------------------------------------------------------------------------------------------------
 # mamba_ssm: stand-ins with its names and shapes (its modules need CUDA to run)
 
-class Mamba(nn.Module):  # named as mamba_ssm's classes are, which is how mimetic_init_ knows them
+class Mamba(nn.Module):  # named, and in a module named, as mamba_ssm's: that is how mimetic_init_ knows them
     """mamba_ssm.modules.mamba_simple.Mamba's parameters: in_proj [x, z], conv1d, x_proj [dt, B, C], dt_proj,
     A_log (D, N) marked _no_weight_decay, D, out_proj."""
+    __module__ = "mamba_ssm.modules.mamba_simple"
 
     def __init__(self, d_model=16, d_state=8, expand=2, d_conv=4):
         super().__init__()
@@ -386,6 +389,7 @@ class Mamba(nn.Module):  # named as mamba_ssm's classes are, which is how mimeti
 class Mamba2(nn.Module):
     """mamba_ssm.modules.mamba2.Mamba2's parameters: in_proj [z0, x0, z, x, B, C, dt] (z0, x0: the MLP when
     d_ssm < d_inner), conv1d over x, B, C, dt_bias, A_log (H,), D, norm, out_proj; dt_limit."""
+    __module__ = "mamba_ssm.modules.mamba2"
 
     def __init__(self, d_model=16, d_state=8, expand=2, headdim=8, ngroups=2, d_ssm=None, bias=False,
                  dt_limit=(0.0, float("inf"))):
@@ -408,6 +412,7 @@ class Mamba2(nn.Module):
 
 class MambaLMHeadModel(nn.Module):
     """backbone.layers[i].mixer, a mamba_ssm.modules.mha.MHA where attn_layer_idx says."""
+    __module__ = "mamba_ssm.models.mixer_seq_simple"
 
     def __init__(self, n_layer=4, attn_layer_idx=(2,), layer=Mamba2):
         super().__init__()
@@ -416,6 +421,14 @@ class MambaLMHeadModel(nn.Module):
         self.backbone.layers = nn.ModuleList(block(i) for i in range(n_layer))
         for i, b in enumerate(self.backbone.layers):
             b.mixer = nn.MultiheadAttention(16, 1) if i in attn_layer_idx else layer()
+
+
+def test_a_class_named_as_mamba_ssms_but_from_elsewhere_is_not_taken_for_it():
+    """Layouts are keyed by the library and the class name: a user's own Mamba2 is not mamba_ssm's."""
+    theirs, elsewhere = Mamba2(), type("Mamba2", (nn.Module,), {"__module__": "my_project.layers"})()
+    assert mimetic.layout_of(theirs) is not None and mimetic.layout_of(elsewhere) is None
+    with pytest.raises(TypeError, match="no Mamba layer in Mamba2"):
+        mimetic_init_(elsewhere)
 
 
 @pytest.mark.parametrize("d_ssm", [None, 16])
@@ -498,11 +511,12 @@ def test_gpu_real_mamba_ssm_modules():
 @pytest.mark.long
 def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
     import figures
+    import pipeline
     import train
     hf_model(1, num_hidden_layers=3).save_pretrained(tmp_path)
     args = train.build_parser().parse_args(["--pretrained", str(tmp_path), "--vocab-size", "4"])
     c = train.resolve_config(vars(args))
-    model, inputs = train.Pretrained(c), train.example_inputs(c)
+    model, inputs = pipeline.Pretrained(c), train.example_inputs(c)
     true = true_mixer_inputs(model.model, model.ids[inputs])
     for (amap, mask), block, h in zip(figures.attention_panels(model, inputs), model.layers, true, strict=True):
         assert torch.equal(torch.from_numpy(amap), attention_map(block.mixer, h)[0].detach())
@@ -511,6 +525,7 @@ def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
 
 @pytest.mark.long
 def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_layers(tmp_path, capsys):
+    import pipeline
     import train
     teacher = tmp_path / "teacher"
     hf_model(1).save_pretrained(teacher)  # no tokenizer saved: task tokens are the model's ids 0, 1, ...
@@ -524,7 +539,7 @@ def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_la
     report = json.loads((tmp_path / "mimetic" / "report_init.json").read_text())
     assert [r["layer"] for r in report] == [0, 1] and all(abs(r["delta"] - 1) < 1e-6 for r in report)
     c = train.resolve_config({**vars(train.build_parser().parse_args(tiny)), "teacher_layer": 1, "n_layers": 3})
-    student, source = train.Pretrained(c), hf_model(1).backbone.layers[1]
+    student, source = pipeline.Pretrained(c), hf_model(1).backbone.layers[1]
     assert len(student.layers) == 3 and all(torch.equal(block.mixer.in_proj.weight, source.mixer.in_proj.weight)
                                             for block in student.layers)
     mimetic_model = train.build_model({**c, "teacher_layer": None, "mimetic": True})

@@ -148,7 +148,7 @@ def test_lm_init_keeps_the_blocks_special_init():
     mixer = model.layers[0].mixer
     dt = F.softplus(mixer.dt_proj.bias)
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)  # not zeroed → softplus(0) = 0.69
-    assert torch.equal(mixer.A_log, torch.log(torch.arange(1, 17.0)).repeat(128, 1))
+    assert torch.equal(mixer.A_log, torch.log(torch.arange(1, 33.0)).repeat(128, 1))  # N = 32, the table's Mamba 1
     assert torch.equal(mixer.D, torch.ones(128))
     assert abs(model.embedding.weight.std().item() - 0.02) < 0.002
     assert model.lm_head.weight is model.embedding.weight
@@ -277,7 +277,7 @@ def test_mimetic_bc_correlates_W_C_with_W_B(cls):
     layer = cls(64, d_state=32, **({"headdim": 16, "ngroups": 2} if cls is Mamba2 else {}))
 
     def correlations():
-        where = mimetic.LAYOUTS[cls.__name__](layer)
+        where = mimetic.layout_of(layer)
         weight = where.proj.weight
         return [F.cosine_similarity(weight[b].flatten(), weight[c].flatten(), dim=0).item()
                 for b, c in zip(where.B, where.C)]
@@ -556,6 +556,7 @@ def test_evaluate_oracle_is_perfect(task):
     model = Oracle(answers, task_vocab_size(task)).train()
     result = evaluate(model, task, n, batch_size=8, n_batches=3, generator=torch.Generator().manual_seed(5))
     assert result == dict(token_acc=1.0, exact_match=1.0, string_acc=1.0)
+    assert set(result) == set(mimetic.METRICS)  # the names tables and plots read
     assert model.training  # training mode restored
 
 
@@ -624,6 +625,59 @@ def test_one_layer_can_have_its_own_state_size():
     assert [block.mixer.d_state for block in model.layers] == [16, 4, 16]
     with pytest.raises(ValueError, match="layer_d_state"):
         ModelConfig(n_layers=2, pattern="MA", layer_d_state={1: 8})
+
+
+def test_model_config_fills_each_architectures_defaults_from_the_table():
+    """The paper's N per architecture (§5): 32 for Mamba 1, 128 and head dimension 64 for Mamba 2; what the
+    caller passes wins; the pattern defaults to the arch's letter in every layer."""
+    m1, m2 = ModelConfig(arch="mamba1", n_layers=2), ModelConfig(arch="mamba2", n_layers=2)
+    assert (m1.d_state, m1.expand, m1.d_conv, m1.pattern) == (32, 2, 4, "MM")
+    assert (m2.d_state, m2.headdim, m2.expand, m2.d_conv) == (128, 64, 2, 4)
+    assert ModelConfig(arch="mamba1", d_state=8).d_state == 8
+    assert [b.mixer.d_state for b in LM(ModelConfig(arch="mamba1", d_model=16, n_layers=2)).layers] == [32, 32]
+    assert ModelConfig(arch="attention", n_layers=3).pattern == "AAA"
+    assert ModelConfig(arch="linear", n_layers=2).pattern == "LL"
+    assert ModelConfig(arch="mamba2", n_layers=2, pattern="MA").arch_of("M") == "mamba2"
+    with pytest.raises(ValueError, match="M, which stands for one of mamba1, mamba2: set arch"):
+        ModelConfig(arch="attention", n_layers=2, pattern="MA")  # not silently a Mamba 1
+
+
+class ToyMixer(nn.Module):
+    """A new architecture in a few lines: each channel mixes the last `width` tokens (a causal depthwise conv),
+    a fixed-lag memory, which is all a copy of a string shorter than `width` needs."""
+
+    def __init__(self, d_model, width):
+        super().__init__()
+        self.taps = nn.Parameter(torch.randn(d_model, 1, width) / width)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, hidden_states):
+        return self.out_proj(mimetic.causal_conv1d(hidden_states, self.taps, None))
+
+
+def test_a_new_architecture_is_one_registry_entry_and_its_class(monkeypatch):
+    monkeypatch.setitem(mimetic.ARCHS, "toy", mimetic.Arch("T", lambda cfg, i: ToyMixer(cfg.d_model, cfg.d_state),
+                                                           dict(d_state=6)))
+    config = ModelConfig(vocab_size=task_vocab_size("copy", 8), d_model=32, n_layers=2, arch="toy")
+    assert config.pattern == "TT" and config.d_state == 6
+    torch.manual_seed(0)
+    model = LM(config)
+    assert all(isinstance(block.mixer, ToyMixer) for block in model.layers)
+    hybrid = LM(ModelConfig(vocab_size=10, d_model=16, n_layers=3, arch="mamba2", pattern="MTA", headdim=8))
+    assert [type(block.mixer) for block in hybrid.layers] == [Mamba2, ToyMixer, Attention]
+    opt, g, losses = torch.optim.AdamW(model.parameters(), lr=3e-2), torch.Generator().manual_seed(0), []
+    for _ in range(20):
+        inputs, targets = make_batch("copy", 16, 4, vocab_size=8, generator=g)
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 2 and losses[-1] < 0.1, losses  # from chance (ln 8 ≈ 2.08 a token) to copying
+    monkeypatch.undo()
+    assert "toy" not in mimetic.ARCHS
+    with pytest.raises(ValueError, match="arch"):
+        ModelConfig(arch="toy")
 
 
 def test_bad_configs_and_inputs_raise():

@@ -15,6 +15,10 @@ import torch
 
 import figures
 import mimetic
+import pipeline
+import presets
+import runtime
+import sweep
 import train
 from conftest import HERE
 
@@ -43,6 +47,11 @@ def kill_when(args, out, appears):
     assert not (out / "done").exists(), "the run finished before it could be killed"
 
 
+def preset(name, scale="paper"):
+    """(description, shared flags, {config: flags}) of a preset, by its figure's name or its older alias."""
+    return presets.presets(scale)[presets.ALIASES.get(name, name)]
+
+
 def check_run_folder(out, stdout, mimetic):
     for name in ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "accuracy.png",
                  "attention_init.png", "attention_final.png", "report_init.json", "report_final.json", "done"):
@@ -62,8 +71,24 @@ def check_run_folder(out, stdout, mimetic):
 # ---------------------------------------------------------------------------------------------------
 # One run: outputs, Ctrl-C, bad flags
 
+def drawn(monkeypatch):
+    """What each figure figures.py saves shows: [(its axes, the PNG's (height, width))], read before and after
+    it is saved."""
+    import matplotlib.image
+    figs, save = [], figures._save
+
+    def record(fig, path, title):
+        axes = [dict(lines=[(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()],
+                     bars=[bar.get_height() for bar in ax.patches], images=[im.get_array() for im in ax.get_images()])
+                for ax in fig.axes]
+        save(fig, path, title)
+        figs.append((axes, matplotlib.image.imread(path).shape[:2]))
+    monkeypatch.setattr(figures, "_save", record)
+    return figs
+
+
 @pytest.mark.long
-def test_cli_smoke_writes_every_output_and_plot_overlays_runs(tmp_path, capsys):
+def test_cli_smoke_writes_every_output_and_plot_overlays_runs(tmp_path, capsys, monkeypatch):
     args = [*TINY, "--steps", "6", "--eval-every", "3"]
     result = run_cli(*args, "--out", str(tmp_path / "default"))  # the real entry point, once
     assert result.returncode == 0, result.stderr
@@ -72,11 +97,25 @@ def test_cli_smoke_writes_every_output_and_plot_overlays_runs(tmp_path, capsys):
     check_run_folder(tmp_path / "mimetic", capsys.readouterr().out, mimetic=True)
     train.main([*args, "--mimetic", "--out", str(tmp_path / "mimetic")])  # the same command again
     assert "is finished" in capsys.readouterr().out and len(rows_of(tmp_path / "mimetic")) == 3
-    for flags, name in (([], "curves.png"), (["--final", "--metric", "token_acc"], "bars.png"),
-                        (["--lengths", "--metric", "string_acc"], "lengths.png"), (["--maps", "1"], "maps.png")):
-        runs = [str(tmp_path / "default"), str(tmp_path / "mimetic")]
-        train.main(["plot", *flags, *runs, "--out", str(tmp_path / name)])
-        assert (tmp_path / name).stat().st_size > 0
+    runs = [str(tmp_path / "default"), str(tmp_path / "mimetic")]
+    final = [rows_of(tmp_path / run)[-1] for run in ("default", "mimetic")]
+    figs = drawn(monkeypatch)
+    train.main(["plot", *runs, "--out", str(tmp_path / "curves.png")])  # a panel per longer length: 8, 16
+    (panels, size), = figs
+    assert size == (380, 1000) and len(panels) == 2
+    steps, mimetic_at_8 = panels[0]["lines"][3]  # default @4, @8, then mimetic @4, @8
+    assert steps == [0, 3, 6] and [float(v) for v in mimetic_at_8] == pytest.approx(
+        [r["exact_match"]["8"] for r in rows_of(tmp_path / "mimetic")])
+    train.main(["plot", "--final", "--metric", "token_acc", *runs, "--out", str(tmp_path / "bars.png")])
+    assert figs[1][0][0]["bars"] == [row["token_acc"][n] for n in ("4", "8", "16") for row in final]
+    train.main(["plot", "--lengths", "--metric", "string_acc", *runs, "--out", str(tmp_path / "lengths.png")])
+    curves = [line for line in figs[2][0][0]["lines"] if line[0] == [4, 8, 16]]  # (the others: train length)
+    assert curves == [([4, 8, 16], [row["string_acc"][n] for n in ("4", "8", "16")]) for row in final]
+    train.main(["plot", "--maps", "1", *runs, "--out", str(tmp_path / "maps.png")])  # maps above, masks below
+    maps = figs[3][0]
+    assert len(maps) == 4 and all((ax["images"][0] == sweep.layer_map(tmp_path / run, 1)[0]).all()
+                                  for ax, run in zip(maps, ("default", "mimetic")))
+    assert all(size[0] > 100 and size[1] > 100 for _, size in figs)  # every PNG decodes
 
 
 @pytest.mark.long
@@ -125,18 +164,23 @@ def test_bad_arguments_exit_with_one_line_and_no_traceback(tmp_path, capsys, arg
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_help_lists_every_preset(capsys):
+def test_help_lists_every_preset_with_its_figure_and_its_older_name(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert all(f"{name}: {description.split()[0]}" in text for name, (description, _, _) in train.PRESETS.items())
+    for name, entry in presets.PRESETS.items():
+        alias = f" (or {entry.alias})" if entry.alias else ""
+        assert f"{name}{alias}: {' '.join(presets.description(name).split())}" in text, name
+    assert len(presets.PRESETS) == 12 and [f"fig{i}" for i in range(1, 12)] == list(presets.PRESETS)[:11]
+    assert set(presets.ALIASES) == {"ablation", "tasks", "linattn", "vocab", "statesize", "size", "long",
+                                    "pretrained", "student"}
 
 
 # ---------------------------------------------------------------------------------------------------
 # The paper's setups, pinned to its numbers
 
 def preset_config(name, config, scale="paper"):
-    _, shared, grid = train.presets(scale)[name]
+    _, shared, grid = preset(name, scale)
     return train.resolve_config({**shared, **grid[config], "device": "cpu"})
 
 
@@ -147,17 +191,17 @@ def test_paper_presets_are_the_papers_setups():
     assert fig1["eval_lens"][:2] == [50, 100] and fig1["mimetic"] and fig1["mimetic_layers"] is None
     assert (fig1["d_model"], fig1["vocab_size"], fig1["pack"], fig1["batch_size"]) == (1024, 26, 220, 8)  # pipeline
     assert (fig1["weight_decay_on"], fig1["schedule"], fig1["warmup"], fig1["beta2"]) == ("all", "linear", 100, 0.999)
-    for name in train.PRESETS:
+    for name in presets.PRESETS:
         if name != "mamba41":
-            assert train.PRESETS[name][1]["lrs"] == [1e-3, 5e-4, 1e-4]  # §8
-    assert train.PRESETS["fig1"][1]["seeds"] == [0, 1, 2, 3, 4]  # §5 "five seeds"; Fig. 3 "10 seeds"
-    assert train.PRESETS["ablation"][1]["seeds"] == list(range(10))
+            assert preset(name)[1]["lrs"] == [1e-3, 5e-4, 1e-4]  # §8
+    assert preset("fig1")[1]["seeds"] == [0, 1, 2, 3, 4]  # §5 "five seeds"; Fig. 3 "10 seeds"
+    assert preset("ablation")[1]["seeds"] == list(range(10))
     fig2 = preset_config("fig2", "mimetic_l3")  # §4 "just one layer ... (Layer 4) of an 8-layer Mamba"
     assert fig2["n_layers"] == 8 and fig2["mimetic_layers"] == [3] and fig2["arch"] == "mamba2"
     assert preset_config("fig2", "hybrid")["pattern"] == "MMMAMMMM"
     ablation = preset_config("ablation", "mamba2_A+dt+bc+conv")  # Fig. 3: 24 layers × 1024, 50 → 100, 300
     assert [ablation[k] for k in ("n_layers", "d_model", "eval_lens", "c")] == [24, 1024, [50, 100, 300], 8.0]
-    assert len(train.PRESETS["ablation"][2]) == 32 and not preset_config("ablation", "mamba1_none")["mimetic"]
+    assert len(preset("ablation")[2]) == 32 and not preset_config("ablation", "mamba1_none")["mimetic"]
     for task, vocab in (("stack", 26), ("sort", 512), ("mqar", 8192)):  # Fig. 4: one mimetic layer, layer 4
         config = preset_config("tasks", f"{task}_mimetic_l3")
         assert [config[k] for k in ("task", "vocab_size", "mimetic_layers", "n_layers")] == [task, vocab, [3], 8]
@@ -173,7 +217,7 @@ def test_paper_presets_are_the_papers_setups():
     long = preset_config("long", "copy_4000_mimetic")  # Fig. 9: a 1024-dim 2-layer Mamba 2, ~4000-long strings
     assert (long["n_layers"], long["d_model"], long["arch"], long["train_len"]) == (2, 1024, "mamba2", 4000)
     size = {(config["d_model"], config["n_layers"]) for config in map(lambda k: preset_config("size", k),
-                                                                         train.PRESETS["size"][2])}
+                                                                         preset("size")[2])}
     assert (1024, 2) in size and len(size) == 9
 
 
@@ -181,7 +225,7 @@ def test_cpu_presets_are_the_main_job_with_the_target_layer_last():
     """The cpu presets reuse the main job's size: its 2-layer Mamba 2 is the statesize grid's N = 128 config,
     so the main job's runs are also that preset's; the paper's layer 4 of 8 becomes layer 2 of 2."""
     for name, config, flags in (("statesize", "N128_default", []), ("fig1", "mamba2_mimetic", ["--mimetic"]),
-                                ("fig1", "mamba1_mimetic", ["--mimetic", "--arch", "mamba1", "--d-state", "32"])):
+                                ("fig1", "mamba1_mimetic", ["--mimetic", "--arch", "mamba1"])):  # N 32: ARCHS
         main_job = train.resolve_config(vars(train.build_parser().parse_args(["--task", "copy", *flags])))
         preset = preset_config(name, config, "cpu")
         same = lambda config: {k: v for k, v in config.items() if k != "eval_lens"}  # statesize: more lengths
@@ -191,8 +235,8 @@ def test_cpu_presets_are_the_main_job_with_the_target_layer_last():
     assert preset_config("linattn", "linear1024", "cpu")["pattern"] == "ML"
     assert preset_config("tasks", "mqar_mimetic_l1", "cpu")["eval_lens"] == [8, 16, 32]
     assert preset_config("ablation", "mamba2_none", "cpu")["steps"] == 2000
-    for scale in train.SCALES:  # every config of every preset is a valid one at both scales
-        for name, (_, shared, grid) in train.presets(scale).items():
+    for scale in presets.SCALES:  # every config of every preset is a valid one at both scales
+        for name, (_, shared, grid) in presets.presets(scale).items():
             for config, flags in grid.items():
                 train.resolve_config({**shared, **flags, "device": "cpu"})
 
@@ -204,6 +248,53 @@ def test_dry_run_lists_every_run_with_its_size_and_trains_nothing(tmp_path, caps
     assert {line["lr"] for line in lines} == {1e-3, 5e-4, 1e-4} and {line["seed"] for line in lines} == set(range(5))
     hybrid = next(line for line in lines if line["run"].endswith("hybrid/lr0.001/seed0"))
     assert hybrid["pattern"] == "MMMAMMMM" and hybrid["params"] > 50_000_000
+
+
+def test_dry_run_names_the_source_of_every_value_a_preset_sets(capsys):
+    """Issue 27 item 7: each JSON line's "source" says where each value the preset sets comes from, and a
+    flag you type says so."""
+    train.main(["--preset", "fig2", "--dry-run", "--seeds", "0", "--d-model", "512"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    hybrid = next(line for line in lines if line["run"].endswith("hybrid/lr0.001/seed0"))
+    source = hybrid["source"]
+    assert source["pattern"].startswith("§4, Fig. 2") and source["n_layers"].startswith("§4 'just one layer")
+    assert "§8" in source["lr"] and "main.py --vocab_size 26" in source["vocab_size"] and "§5" in source["d_state"]
+    assert source["seed"] == "your flag --seeds" and source["d_model"] == "your flag --d-model"
+    _, shared, grid = preset("fig2")
+    for line in lines:  # every value the preset sets has a source, and only those
+        keys = {{"lrs": "lr", "seeds": "seed"}.get(k, k) for k in {**shared, **grid[line["run"].split("/")[-3]]}}
+        assert set(line["source"]) == keys | {"d_model"} and all(line["source"].values())
+    for name, entry in presets.PRESETS.items():  # every preset's every value, at both scales
+        for scale in presets.SCALES:
+            for config in entry.scales[scale].configs:
+                assert all(isinstance(s, str) and len(s) > 10 for s in
+                           presets.config_sources(name, scale, config).values()), (name, scale, config)
+
+
+@pytest.mark.long
+def test_a_new_architecture_is_one_registry_entry_and_trains_through_train_py(tmp_path, monkeypatch, capsys):
+    """mimetic.ARCHS["toy"] (test_mimetic.py's ToyMixer, a causal depthwise conv) and nothing else: --arch offers
+    it, its size comes from the entry's defaults, and train.py's one run trains it into a folder with every
+    output (its attention map panels say it has none)."""
+    from test_mimetic import ToyMixer
+    monkeypatch.setitem(mimetic.ARCHS, "toy", mimetic.Arch("T", lambda cfg, i: ToyMixer(cfg.d_model, cfg.d_state),
+                                                           dict(d_state=6)))
+    args = ["--arch", "toy", "--d-model", "16", "--vocab-size", "4", "--train-len", "4", "--batch-size", "8",
+            "--eval-batches", "1", "--threads", "1", "--device", "cpu", "--steps", "4", "--eval-every", "2"]
+    out = tmp_path / "toy"
+    train.main([*args, "--out", str(out)])
+    assert "copy_toy_default: 1 run into" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert (config["arch"], config["pattern"], config["d_state"]) == ("toy", "TT", 6)
+    model = train.build_model(train.resolve_config(config))
+    assert [type(block.mixer) for block in model.layers] == [ToyMixer, ToyMixer]
+    assert [r["step"] for r in rows_of(out)] == [0, 2, 4] and (out / "done").exists()
+    assert (out / "attention_final.png").exists() and not (out / "report_final.json").exists()  # no Mamba layer
+    monkeypatch.undo()
+    assert "toy" not in mimetic.ARCHS
+    with pytest.raises(SystemExit):
+        train.main([*args, "--out", str(tmp_path / "gone")])
+    assert "invalid choice: 'toy'" in capsys.readouterr().err
 
 
 def test_mimetic_flags_reach_the_model():
@@ -223,7 +314,7 @@ def test_mimetic_flags_reach_the_model():
 def test_packed_rows_are_the_pipelines():
     """BOS x SEP y STOP examples joined to --pack tokens; labels on y and STOP of complete examples only."""
     c = train.resolve_config(dict(task="copy", vocab_size=4, train_len=3, min_train_len=2, pack=20, batch_size=3))
-    inputs, targets = train.packed_batch(c, torch.Generator().manual_seed(0))
+    inputs, targets = pipeline.packed_batch(c, torch.Generator().manual_seed(0))
     assert inputs.shape == targets.shape == (3, 19)
     bos, sep, stop = 6, 4, 5
     for row_in, row_tg in zip(inputs, targets):
@@ -361,7 +452,7 @@ def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp
 @pytest.mark.long
 def test_every_cpu_preset_runs(tmp_path):
     """python train.py --preset NAME --scale cpu --sweep: the first config of each, for two steps."""
-    for name, (_, shared, grid) in train.presets("cpu").items():
+    for name, (_, shared, grid) in presets.presets("cpu").items():
         first = next(iter(grid))
         if "pretrained" in {**shared, **grid[first]}:  # needs the model hub: test_foreign.py runs that path
             continue
@@ -453,11 +544,11 @@ def test_reading_the_loss_every_k_steps_stops_a_diverged_run_within_k_steps(tmp_
 
 
 def test_torchrun_ranks_take_the_gpus_in_turn_and_share_them_when_there_are_more_ranks():
-    assert [train.rank_device("cuda", rank, 8) for rank in range(8)] == [f"cuda:{i}" for i in range(8)]
-    assert [train.rank_device("cuda", rank, 2) for rank in range(5)] == ["cuda:0", "cuda:1"] * 2 + ["cuda:0"]
-    assert train.rank_device("cpu", 3, 8) == "cpu" and train.rank_device("cpu", 1, 0) == "cpu"
+    assert [sweep.rank_device("cuda", rank, 8) for rank in range(8)] == [f"cuda:{i}" for i in range(8)]
+    assert [sweep.rank_device("cuda", rank, 2) for rank in range(5)] == ["cuda:0", "cuda:1"] * 2 + ["cuda:0"]
+    assert sweep.rank_device("cpu", 3, 8) == "cpu" and sweep.rank_device("cpu", 1, 0) == "cpu"
     with pytest.raises(ValueError, match="no GPU is visible"):
-        train.rank_device("cuda", 0, 0)
+        sweep.rank_device("cuda", 0, 0)
 
 
 @pytest.mark.long
@@ -542,11 +633,11 @@ def test_torchrun_shares_a_sweep_between_two_processes(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = sorted(tmp_path.glob("*/seed0"))
-    assert [r.parent.name for r in runs] == sorted(train.PRESETS["fig1"][2])
+    assert [r.parent.name for r in runs] == sorted(preset("fig1")[2])
     ranks = [(r / "trained_by").read_text().splitlines() for r in runs]
     assert all(len(lines) == 1 for lines in ranks) and {lines[0] for lines in ranks} == {"rank 0 of 2", "rank 1 of 2"}
     summary = (tmp_path / "summary.md").read_text()
-    assert all(f"| {name} | 1 |" in summary for name in train.PRESETS["fig1"][2])
+    assert all(f"| {name} | 1 |" in summary for name in preset("fig1")[2])
     three = subprocess.run([c if c != "2" else "3" for c in command[:4]] + command[4:] + ["--steps", "3"],
                            capture_output=True, text=True, timeout=600, cwd=HERE)  # finished runs count
     assert three.returncode == 0 and three.stdout.count("skip") == 4, three.stderr[-2000:]
@@ -603,27 +694,27 @@ def test_default_threads_are_the_free_cores(monkeypatch):
     """4 allowed cores; over the sample, one core's worth of ticks is busy: 3 threads, 1 each for 2 torchrun
     processes (3 // 2) of a large model; a small model gets 1 on a quiet machine too; all 4 busy: still 1.
     Without /proc/stat: every allowed core."""
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(train.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
 
     def proc_stat(busy_ticks):  # user nice system idle iowait irq softirq steal: 400 ticks = 4 cores × 100
         lines = iter([f"cpu  0 0 0 400 0 0 0 0\ncpu0 ...", f"cpu  {busy_ticks} 0 0 {800 - busy_ticks} 0 0 0 0\n"])
-        monkeypatch.setattr(train.Path, "read_text", lambda self: next(lines))
+        monkeypatch.setattr(runtime.Path, "read_text", lambda self: next(lines))
 
     proc_stat(busy_ticks=100)
-    assert train.free_cores() == 3
+    assert runtime.free_cores() == 3
     proc_stat(busy_ticks=100)
-    assert train.default_threads(10**7, 2) == 1  # a large model: the free cores, shared
+    assert runtime.default_threads(10**7, 2) == 1  # a large model: the free cores, shared
     proc_stat(busy_ticks=0)
-    assert train.default_threads(10**7) == 4 and train.default_threads(91_000) == 1  # a small one: 1, even quiet
+    assert runtime.default_threads(10**7) == 4 and runtime.default_threads(91_000) == 1  # a small one: 1, even quiet
     proc_stat(busy_ticks=400)
-    assert train.free_cores() == 1
+    assert runtime.free_cores() == 1
 
     def missing(self):
         raise FileNotFoundError("/proc/stat")
-    monkeypatch.setattr(train.Path, "read_text", missing)
-    assert train.free_cores() == 4
+    monkeypatch.setattr(runtime.Path, "read_text", missing)
+    assert runtime.free_cores() == 4
 
 
 def test_a_seed_folder_is_labeled_with_its_config(tmp_path):
