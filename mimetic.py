@@ -175,8 +175,8 @@ class SelectiveSSM(nn.Module):
 
 
 class Mamba1(SelectiveSSM):
-    """The Mamba 1 block (Eq. 9) with the reference module's parameter names, shapes and init, (b, L, d_model)
-    → (b, L, d_model): out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj: [dt, B, C]."""
+    """The Mamba 1 block (Eq. 9), (b, L, d_model) → (b, L, d_model), with the reference module's parameter
+    names, shapes and init: out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj: [dt, B, C]."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=1e-3, dt_max=0.1,
                  dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
@@ -335,8 +335,7 @@ class ModelConfig:
     d_model: int = 64
     n_layers: int = 4
     arch: str = "mamba1"          # a name in ARCHS; the letter M stands for it when it is a Mamba
-    pattern: str | None = None    # one letter per layer (M Mamba, A attention, L linear attention, ...);
-                                  # None: arch's letter in every layer
+    pattern: str | None = None    # a letter per layer (M Mamba, A attention, L linear...); None: arch's in all
     d_state: int | None = None    # None: ARCHS[arch].defaults, e.g. N = 32 (Mamba 1), 128 (Mamba 2)
     expand: int | None = None     # None: ARCHS[arch].defaults (2)
     d_conv: int | None = None     # None: ARCHS[arch].defaults (4)
@@ -360,8 +359,8 @@ class ModelConfig:
                              f"got {self.pattern!r}")
         for letter in set(self.pattern):
             self.arch_of(letter)  # each letter names one architecture
-        for name, value in vars(self).items():  # every int field is a size (None: no arch here uses it)
-            if isinstance(value, int) and value <= 0:
+        for name, value in vars(self).items():  # every number is a size (None: no arch here uses it)
+            if isinstance(value, (int, float)) and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
         for i, n in self.layer_d_state.items():
@@ -903,10 +902,9 @@ def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4
              device=None, seq_len=None):
     """METRICS of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval
     mode under no_grad: token_acc over labeled tokens, exact_match (every labeled token of a row right) and
-    string_acc (the pasted string right, STOP not scored). Teacher-forced exact match is greedy decoding's:
-    if every labeled token is right under teacher forcing, greedy decoding feeds itself the same prefix at every
-    step and so reproduces it; at the first wrong greedy token the prefix was still right, so teacher forcing
-    errs there too."""
+    string_acc (the pasted string right, STOP not scored). Teacher-forced exact match is greedy decoding's: with
+    every labeled token right, greedy decoding sees the same prefixes; at its first wrong token the prefix was
+    still right, so teacher forcing errs there too."""
     if n_batches <= 0:
         raise ValueError(f"n_batches must be positive, got {n_batches}")
     g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator
