@@ -36,27 +36,26 @@ from torch.nn.utils import parametrize
 
 
 def _fast_path():
-    """kernels.py, the fast scans: in a checkout (or pip install -e .) the kernels.py beside this file, loaded
-    by path under the private name mimetic_kernels; after pip install ., the module mimetic_kernels. Another
-    `kernels` (the Hugging Face kernel hub's is one) is never run, nor a kernels.py without our marker line.
-    Without them (mimetic.py copied alone) this file's own loops do the work, and one warning says why."""
+    """kernels.py's fast scans: in a checkout (or pip install -e .) the kernels.py beside this file, run only if
+    it has our marker line (another `kernels`, such as the Hugging Face kernel hub's, never is) and loaded under
+    the private name mimetic_kernels; after pip install ., the module mimetic_kernels. Without them (mimetic.py
+    copied alone): None, this file's own loops do the work, and one warning says why."""
     path = Path(__file__).with_name("kernels.py")
-    if path.is_file() and "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
-        why = f"{path} is not mimetic's kernels.py"
-    else:
-        try:
-            if not path.is_file():
-                import mimetic_kernels
-                return mimetic_kernels
+    try:
+        if not path.is_file():
+            import mimetic_kernels
+            return mimetic_kernels
+        if "\nMIMETIC_KERNELS = True" in path.read_text(encoding="utf-8"):
             spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
             module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-        except Exception as error:
-            sys.modules.pop("mimetic_kernels", None)
-            missing = isinstance(error, ModuleNotFoundError) and error.name == "mimetic_kernels"
-            why = (f"no kernels.py beside {__file__}, and no module mimetic_kernels" if missing else
-                   f"{path if path.is_file() else 'mimetic_kernels'} failed to import: {error!r}")
+        why = f"{path} is not mimetic's kernels.py"
+    except Exception as error:
+        sys.modules.pop("mimetic_kernels", None)
+        missing = isinstance(error, ModuleNotFoundError) and error.name == "mimetic_kernels"
+        why = (f"no kernels.py beside {__file__}, and no module mimetic_kernels" if missing else
+               f"{path if path.is_file() else 'mimetic_kernels'} failed to import: {error!r}")
     warnings.warn(f"mimetic runs its own PyTorch loops, about 8× slower than kernels.py's scans: {why}")
     return None
 
@@ -134,10 +133,10 @@ class RMSNorm(nn.Module):
 
 def causal_conv1d(x, weight, bias):
     """Depthwise causal conv over time, in the (b, L, C) layout the projections produce:
-    out[:, t, c] = bias[c] + Σ_k weight[c, 0, k] · x[:, t − (K−1) + k, c], with x = 0 before the start.
-    The same numbers as nn.Conv1d(groups=C, padding=K−1) cut to L steps; as K multiply-adds it skips two
-    transposes and conv's slow backward, several times faster on short sequences. In x's dtype, as autocast
-    runs nn.Conv1d: fp32 taps would turn a bf16 x into fp32 beside bf16 dt and z, which the scans refuse."""
+    out[:, t, c] = bias[c] + Σ_k weight[c, 0, k] · x[:, t − (K−1) + k, c], with x = 0 before the start: the
+    numbers of nn.Conv1d(groups=C, padding=K−1) cut to L steps, as K multiply-adds that skip two transposes
+    and conv's slow backward (several times faster on short sequences). In x's dtype, as autocast runs
+    nn.Conv1d: fp32 taps would turn a bf16 x into fp32 beside bf16 dt and z, which the scans refuse."""
     K, L = weight.shape[-1], x.shape[1]
     padded = F.pad(x, (0, 0, K - 1, 0))  # (b, K − 1 + L, C)
     taps = weight[:, 0].T.to(x.dtype)  # (K, C): taps[K − 1] multiplies the current token
@@ -162,9 +161,8 @@ def _check_input(hidden_states, d_model):
 
 
 class SelectiveSSM(nn.Module):
-    """What Mamba 1 and 2 share: A = −exp(A_log), or, once mimetic_init_ sets the buffer mimetic_c, the
-    mimetic A = −exp(−c · A_log) (§3.1), kept through training and in the state dict (which loads into a
-    model given the same mimetic_init_, or anywhere after bake_mimetic_A_)."""
+    """What Mamba 1 and 2 share: A = −exp(A_log), or once mimetic_init_ sets the buffer mimetic_c, the mimetic
+    A = −exp(−c · A_log) (§3.1), kept through training and in the state dict (see bake_mimetic_A_)."""
 
     def __init__(self):
         super().__init__()
@@ -177,9 +175,8 @@ class SelectiveSSM(nn.Module):
 
 
 class Mamba1(SelectiveSSM):
-    """The Mamba 1 block (Eq. 9) with the reference module's parameter names, shapes and init:
-    out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj rows are [dt, B, C].
-    Input and output: (batch, length, d_model)."""
+    """The Mamba 1 block (Eq. 9), (b, L, d_model) → (b, L, d_model), with the reference module's parameter
+    names, shapes and init: out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj: [dt, B, C]."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=1e-3, dt_max=0.1,
                  dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
@@ -281,9 +278,8 @@ class Attention(nn.Module):
 
 
 class LinearAttention(nn.Module):
-    """Simple causal linear attention, y_i = Σ_{j≤i} (q_i · k_j / √head_dim) v_j: no feature map and no
-    normalizer, i.e. Eq. 12 with its own query/key/value projections (the Fig. 5 baseline).
-    q and k have `head_dim` features per head, values split d_model across heads."""
+    """Simple causal linear attention, y_i = Σ_{j≤i} (q_i · k_j / √head_dim) v_j, with no feature map and no
+    normalizer: Eq. 12 with its own projections (the Fig. 5 baseline). Values split d_model across heads."""
 
     def __init__(self, d_model, head_dim=32, n_heads=1):
         super().__init__()
@@ -339,8 +335,7 @@ class ModelConfig:
     d_model: int = 64
     n_layers: int = 4
     arch: str = "mamba1"          # a name in ARCHS; the letter M stands for it when it is a Mamba
-    pattern: str | None = None    # one letter per layer (M Mamba, A attention, L linear attention, ...);
-                                  # None: arch's letter in every layer
+    pattern: str | None = None    # a letter per layer (M Mamba, A attention, L linear...); None: arch's in all
     d_state: int | None = None    # None: ARCHS[arch].defaults, e.g. N = 32 (Mamba 1), 128 (Mamba 2)
     expand: int | None = None     # None: ARCHS[arch].defaults (2)
     d_conv: int | None = None     # None: ARCHS[arch].defaults (4)
@@ -364,10 +359,9 @@ class ModelConfig:
                              f"got {self.pattern!r}")
         for letter in set(self.pattern):
             self.arch_of(letter)  # each letter names one architecture
-        for name in ("vocab_size", "d_model", "n_layers", "expand", "d_conv", "headdim", "n_heads",
-                     "linear_head_dim", "ngroups", "chunk_size", "d_state"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:  # None: no arch here uses it
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, value in vars(self).items():  # every number is a size (None: no arch here uses it)
+            if isinstance(value, (int, float)) and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
         for i, n in self.layer_d_state.items():
             if not (0 <= i < self.n_layers and self.pattern[i] == "M" and n > 0):
@@ -396,8 +390,7 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    """A token model with the reference Mamba LM's init: embedding N(0, 0.02), Linear biases zeroed
-    except those marked _no_reinit (the dt bias), out_proj re-drawn and scaled by 1/√n_layers."""
+    """A token model, initialized as the reference Mamba LM is."""
 
     def __init__(self, config):
         super().__init__()
@@ -408,19 +401,17 @@ class LM(nn.Module):
         self.norm_f = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied
-        self.apply(self._init_weights)
+        for module in self.modules():  # the reference Mamba LM's init
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                if not getattr(module.bias, "_no_reinit", False):  # the dt bias keeps its own init
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight"):  # GPT-2's residual scaling, as in the reference
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
                 with torch.no_grad():
                     p /= math.sqrt(config.n_layers)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
 
     def mixer_inputs(self, input_ids):
         """The normalized hidden states each layer's mixer reads: a list of (b, L, d_model)."""
@@ -440,25 +431,21 @@ class LM(nn.Module):
 
 @torch.no_grad()
 def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=None):
-    """Apply the paper's mimetic initialization (§3) in place to the Mamba layers of `module`: our Mamba1,
-    Mamba2 or LM; transformers' MambaMixer, Mamba2Mixer or a model of them (MambaForCausalLM, ...);
-    mamba_ssm's Mamba, Mamba2 or MambaLMHeadModel. `layers`: indices into the model's blocks (mamba_layers).
+    """The paper's mimetic initialization (§3), in place, of the Mamba layers of `module`: our Mamba1, Mamba2 or
+    LM; transformers' MambaMixer, Mamba2Mixer or a model of them; mamba_ssm's Mamba, Mamba2 or MambaLMHeadModel.
+    `layers`: indices into the model's blocks (see mamba_layers); conv=None: on for Mamba 2, off for Mamba 1.
 
       A ≈ 0, Ā ≈ 1   A = −exp(−c · A_log): ours keep c in mimetic_c; others get a parametrization (§3.1)
-      Δ ≈ 1          W_Δ = 0 (dt_proj.weight; Mamba 2: the dt rows of in_proj and of its bias) and
-                     b_Δ = softplus⁻¹(1) ≈ 0.5413 (§3.1)
+      Δ ≈ 1          W_Δ = 0 (dt_proj.weight; Mamba 2: the dt rows of in_proj and its bias), b_Δ = softplus⁻¹(1)
       W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
       conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
 
-    W_C is still its default init here, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B, whose mean is ½ E[W_Bᵀ W_B] =
-    N / (6 · fan_in) · I for the default U(±1/√fan_in) init (fan_in = d_inner for Mamba 1, d_model for
-    Mamba 2): a scaled identity, of rank N. conv=None: on for Mamba 2, off for Mamba 1 (§3, Fig. 3). Where
-    A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state dimension of every Mamba 1 channel
-    (D of its D·N entries) and head 0 of transformers' Mamba 2 (A_log = log(1..H)); not mamba_ssm's Mamba 2.
-
-    Every layer is checked before any changes. A second call changes nothing: W_C is averaged again only
-    if it changed since (the layer keeps what it set in a non-persistent buffer, mimetic_W_C).
-    """
+    W_C is still its default init, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] =
+    N / (6 · fan_in) · I for the default U(±1/√fan_in) (fan_in = d_inner for Mamba 1, d_model for Mamba 2),
+    a scaled identity of rank N. Where A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state
+    dimension of every Mamba 1 channel, head 0 of transformers' Mamba 2 (A_log = log(1..H)), not mamba_ssm's
+    Mamba 2. Every layer is checked before any changes. A second call changes nothing: W_C is averaged again
+    only if it changed since (the layer keeps what it set in a non-persistent buffer, mimetic_W_C)."""
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
     found = mamba_layers(module)
@@ -505,16 +492,16 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mamba layers of any library: ours, transformers' and mamba_ssm's. Where a layer keeps what mimetic_init_
-# sets and the maps read (its Layout), the Mamba layers of a model, their SSM's inputs. Our blocks' forward
-# does not come here: this is what lets mimetic.py, copied into a project whose Mambas come from
-# transformers or mamba_ssm, initialize them and draw their maps.
+# Mamba layers of any library, ours, transformers' and mamba_ssm's: where a layer keeps what mimetic_init_ sets
+# (its Layout), a model's Mamba layers and what their SSM reads. This is what lets mimetic.py, copied into a
+# project whose Mambas come from transformers or mamba_ssm, initialize them and draw their maps; our blocks'
+# forward never comes here.
 
 @dataclass
 class Layout:
-    """Where a Mamba layer keeps what mimetic init sets: W_B and W_C are rows of `proj` (one slice per group),
-    W_Δ is `dt_weight` (a matrix, or rows of in_proj) with bias `dt_bias` (plus `dt_in_bias`, the dt rows of
-    in_proj's bias, if it has one), and Δ is clamped to `dt_limit`. Every layer has A_log and conv1d."""
+    """Where a Mamba layer keeps what mimetic init sets: W_B and W_C are rows of `proj` (a slice per group), W_Δ
+    is `dt_weight` (a matrix, or rows of in_proj) with bias `dt_bias` (and `dt_in_bias`, the dt rows of in_proj's
+    bias, if it has one), and Δ is clamped to `dt_limit`. Every layer has A_log and conv1d."""
     version: int  # 1: A is (D, N) and conv defaults off; 2: A is (H,) and conv defaults on (§3, Fig. 3)
     proj: nn.Linear
     B: list
@@ -532,8 +519,8 @@ def _mamba1_layout(layer, N, R):
 
 
 def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
-    """Mamba 2: in_proj rows end with [B (G·N), C (G·N), dt (H)] (before them: z and x, and first mamba_ssm's
-    MLP rows z0, x0 when d_ssm < d_inner); W_Δ = the dt rows, b_Δ = dt_bias. H heads of P channels fill D."""
+    """Mamba 2: in_proj rows are [z0, x0 (mamba_ssm's MLP, when d_ssm < d_inner), z, x, B (G·N), C (G·N), dt (H)];
+    W_Δ = the dt rows, b_Δ = dt_bias. H heads of P channels fill D."""
     W, first, D = layer.in_proj, layer.in_proj.out_features - 2 * G * N - H, layer.conv1d.in_channels - 2 * G * N
     P = getattr(layer, "head_dim", None) or layer.headdim  # transformers' name, or ours and mamba_ssm's
     if H * P != D or H % G:
@@ -556,8 +543,8 @@ _name = lambda layer: parametrize.type_before_parametrizations(layer).__name__  
 
 
 def layout_of(layer):
-    """The Layout of a Mamba layer, else None. Ours are told by isinstance; another library's by a class of its
-    type's (a parametrization derives one) with a name in LAYOUTS, defined in a module of that library."""
+    """The Layout of a Mamba layer, else None: ours by isinstance, another library's by a class in its type's
+    MRO (a parametrization derives one) whose name and library are in LAYOUTS."""
     if isinstance(layer, Mamba1):
         return _mamba1_layout(layer, layer.d_state, layer.dt_rank)
     if isinstance(layer, Mamba2):
@@ -569,9 +556,9 @@ def layout_of(layer):
 
 
 def sequence_mixers(module):
-    """{index: mixer} of a module: a Mamba layer itself is {0: it}; a model's are indexed as its list of blocks
-    is (ours: model.layers; transformers', mamba_ssm's: model.backbone.layers), attention blocks included, so
-    the paper's "layer 4 of 8" is 3; without such a list, the Mamba layers in module order."""
+    """{index: mixer}: a Mamba layer is {0: it}; a model's mixers are indexed as its list of blocks (ours:
+    model.layers; others: model.backbone.layers), attention included, so the paper's "layer 4 of 8" is 3;
+    without such a list, the Mamba layers in module order."""
     if layout_of(module):
         return {0: module}
     for blocks in module.modules():
@@ -586,8 +573,8 @@ def mamba_layers(module):
 
 
 def mixer_inputs(model, input_ids):
-    """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) while
-    model(input_ids) runs, caught by forward pre-hooks: no library's numbering of hidden_states is assumed
+    """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) in
+    model(input_ids), caught by forward pre-hooks, as no library's numbering of hidden_states is assumed
     (transformers 5's output_hidden_states[k] is block k's output, not its input)."""
     seen, mixers = {}, sequence_mixers(model)
     index = {id(m): i for i, m in mixers.items()}
@@ -604,12 +591,11 @@ def mixer_inputs(model, input_ids):
 
 
 class MimeticA(nn.Module):
-    """A_log = −c · raw as a torch.nn.utils.parametrize parametrization, for layers whose source we do not
-    edit: their own forward then computes A = −exp(A_log) = −exp(−c · raw), raw the trained parameter.
-    The state dict holds raw (which trains, _no_weight_decay kept) as `...parametrizations.A_log.original`
-    and c as `...A_log.0.c`; it loads into a model given the same mimetic_init_, into others after
-    bake_mimetic_A_ (from_pretrained would re-draw the missing A_log with a mere warning). The layer's own
-    weight init, run again, misses raw."""
+    """A_log = −c · raw as a parametrization (torch.nn.utils.parametrize), for layers whose source we do not edit:
+    their own forward then computes A = −exp(−c · raw). The state dict holds raw (trained, _no_weight_decay kept)
+    as `...parametrizations.A_log.original` and c as `...A_log.0.c`: it loads into a model given the same
+    mimetic_init_, into others after bake_mimetic_A_ (from_pretrained would re-draw the missing A_log with a
+    mere warning). The layer's own weight init, run again, misses raw."""
 
     def __init__(self, c):
         super().__init__()
@@ -622,8 +608,8 @@ class MimeticA(nn.Module):
 @torch.no_grad()
 def bake_mimetic_A_(module):
     """Write every mimetic A of `module` into a plain A_log = −c · A_log (the same A), dropping mimetic_c or the
-    parametrization: the state dict then loads into an unmodified model, e.g. for save_pretrained. Training
-    afterwards continues in the default parameterization A = −exp(A_log)."""
+    parametrization, so the state dict loads into an unmodified model (save_pretrained); training then goes on
+    in the default A = −exp(A_log)."""
     for layer in mamba_layers(module).values():
         if isinstance(layer, SelectiveSSM) and layer.mimetic_c is not None:
             layer.A_log.copy_(-layer.mimetic_c * layer.A_log)
@@ -638,10 +624,9 @@ def bake_mimetic_A_(module):
 
 
 def ssm_inputs(layer, hidden_states):
-    """What the SSM of any Mamba layer (ours, transformers', mamba_ssm's) reads from hidden_states (b, L,
-    d_model): x after the conv and SiLU, dt before its bias, B, C, and the gate z (Eq. 9).
-    Mamba 1: x, dt, z (b, D, L) and B, C (b, N, L), time last as the scan wants them.
-    Mamba 2: x (b, L, H, P), dt (b, L, H), B, C (b, L, G, N) and z (b, L, D)."""
+    """What the SSM of any Mamba layer reads from hidden_states (b, L, d_model): x after the conv and SiLU, dt
+    before its bias, B, C and the gate z (Eq. 9). Mamba 1, time last as the scan wants them: x, dt, z (b, D, L),
+    B, C (b, N, L). Mamba 2: x (b, L, H, P), dt (b, L, H), B, C (b, L, G, N), z (b, L, D)."""
     where, W, conv = layout_of(layer), layer.in_proj, layer.conv1d
     _check_input(hidden_states, W.in_features)
     if where.version == 1:
@@ -665,9 +650,9 @@ def ssm_A(layer):
 
 
 def ssm_params(layer, hidden_states):
-    """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer: everything Eq. 8 needs, per channel
-    (Mamba 2: per head, A the same for all N, §2), Δ clamped as the layer clamps it. In fp32 (fp64 for an
-    fp64 layer): the layer's projections, in its own precision, are cast up."""
+    """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer, all Eq. 8 needs, per channel (Mamba 2: per
+    head, A the same for all N, §2), Δ clamped as the layer clamps it. In fp32 (fp64 for an fp64 layer): the
+    layer's projections, in its own precision, are cast up."""
     where, A = layout_of(layer), ssm_A(layer)
     dt, B, C = (t.to(torch.promote_types(t.dtype, A.dtype)) for t in ssm_inputs(layer, hidden_states)[1:4])
     if where.version == 1:
@@ -680,29 +665,22 @@ def ssm_params(layer, hidden_states):
 # Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā
 
 def segsum(log_a):
-    """S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j and −inf above the diagonal, so exp(S) is the
-    causal mask ∏_{k=j+1..i} Ā_k. Summing masked terms (not differencing a cumsum) keeps it exact for
-    long L. (..., L) → (..., L, L). mamba_ssm's name; kernels.py has its own copy, so that each file
-    stands alone."""
+    """(..., L) → (..., L, L): S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j, −inf above the diagonal, so
+    exp(S) is the causal mask ∏_{k=j+1..i} Ā_k. Summing masked terms (not differencing a cumsum) keeps it exact
+    for long L. mamba_ssm's name; kernels.py has its own copy, so that each file stands alone."""
     L = log_a.shape[-1]
     ones = torch.ones(L, L, dtype=torch.bool, device=log_a.device)
     terms = log_a[..., :, None].expand(*log_a.shape, L).masked_fill(~ones.tril(-1), 0)  # [k, j] = log_a[k], k > j
     return terms.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
 
 
-def shared_across_states(A):
-    """True when every state dimension has the same A (Mamba 2's scalar per head): then one mask serves all N."""
-    return torch.equal(A, A[:, :1].expand_as(A))
-
-
 def ssm_matrix(delta, A, B, C):
     """Eq. 8: M[b, d, i, j] = Σ_n C[b, n, i] · exp(Σ_{k=j+1..i} Δ[b, d, k] A[d, n]) · Δ[b, d, j] B[b, n, j].
-
-    delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) → M: (b, D, L, L), with y_d = M_d x_d the scan.
-    """
+    delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) → M: (b, D, L, L), with y_d = M_d x_d the scan. With one A
+    for all N (Mamba 2), the mask leaves Σ_n: M = mask ⊙ C_iᵀ B_j Δ_j, multi-head linear attention."""
     b, D, L = delta.shape
     G, N = B.shape[1], B.shape[2]
-    if shared_across_states(A):  # the mask leaves Σ_n: M = mask ⊙ C_iᵀ B_j Δ_j, multi-head linear attention
+    if torch.equal(A, A[:, :1].expand_as(A)):  # one A for all N
         CB = (C.transpose(-1, -2) @ B).repeat_interleave(D // G, dim=1)  # (b, D, L, L)
         return segsum(delta * A[:, 0, None]).exp() * CB * delta[..., None, :]
     M = delta.new_zeros(b, D, L, L)
@@ -713,11 +691,10 @@ def ssm_matrix(delta, A, B, C):
 
 
 def attention_matrix(layer, hidden_states):
-    """M of a mixing layer on the hidden_states it reads (b, L, d_model): (b, D, L, L) per channel for Mamba 1,
-    (b, H, L, L) per head for Mamba 2, Attention and LinearAttention; Mamba layers of transformers and
-    mamba_ssm too (Fig. 11). For Mamba, M times the SSM input (after conv and SiLU) is the SSM output
-    before the D skip and the z gate. Maps are fp32 (fp64 for an fp64 layer), under bf16 weights or autocast
-    too: the layer's projections are computed as it computes them, Eq. 8 then in fp32."""
+    """M of a mixing layer (any library's Mamba, Attention, LinearAttention) on the hidden_states it reads: (b, D,
+    L, L) per channel for Mamba 1, (b, H, L, L) per head for the others. For Mamba, M times the SSM input (after
+    conv and SiLU) is the SSM output before the D skip and the z gate. In fp32 (fp64 for an fp64 layer), also
+    under bf16 weights or autocast: the layer's projections are computed as it computes them, Eq. 8 in fp32."""
     if layout_of(layer):
         params = ssm_params(layer, hidden_states)
         with torch.autocast(hidden_states.device.type, enabled=False):
@@ -734,12 +711,12 @@ def attention_map(layer, hidden_states):
 
 
 def attention_mask(layer, hidden_states):
-    """The average attention mask (§2): (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}, (b, L, L); its reach
-    shows how far back the layer can look."""
+    """The average attention mask (§2), (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}: (b, L, L), whose reach shows how
+    far back the layer can look."""
     if not layout_of(layer):
         raise TypeError(f"only Mamba layers have a mask ∏Ā, got {_name(layer)}")
     delta, A, _, _ = ssm_params(layer, hidden_states)
-    columns = A[:, :1] if shared_across_states(A) else A
+    columns = A[:, :1] if torch.equal(A, A[:, :1].expand_as(A)) else A  # one A for all N: one mask serves them
     return sum(segsum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
 
 
@@ -784,12 +761,11 @@ def format_report(rows):
 # ----------------------------------------------------------------------------------------------------
 # Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1)
 #
-# Every task is teacher-forced next-token prediction: targets[:, t] is the label for the prediction made
-# after reading inputs[:, :t+1], and -100 (cross_entropy's ignore_index) where there is nothing to predict.
-# Tokens 0..V-1 are content (V = vocab_size); the task's special tokens follow, with ids V, V+1, ...
-# Batches are built on the CPU from the given torch.Generator only, never from the global RNG, so a
-# seed fixes a batch. generator=None means torch.Generator(), a fixed default seed: the same batch on
-# every call, so pass your own generator when training.
+# Every task is teacher-forced next-token prediction: targets[:, t] labels the prediction made after reading
+# inputs[:, :t+1], and is -100 (cross_entropy's ignore_index) where there is nothing to predict. Tokens 0..V-1
+# are content (V = vocab_size); the task's special tokens follow, with ids V, V+1, ... Batches are built on the
+# CPU from the given torch.Generator only, never from the global RNG, so a seed fixes a batch. generator=None
+# is torch.Generator()'s fixed default seed, the same batch every call: pass your own when training.
 
 # task: (default number of content tokens V, names of the special tokens V, V+1, ...)
 TASK_VOCAB = {
@@ -834,11 +810,9 @@ def _shift(seq, first_label):
 
 
 def _copy_like(task, b, n, V, g):
-    """copy / stack / sort, V=26 (SEP=26, STOP=27), length=3, string [7, 0, 19]:
-    copy   inputs [7, 0, 19, 26, 7, 0, 19]    targets [-100, -100, -100, 7, 0, 19, 27]
-    stack  inputs [7, 0, 19, 26, 19, 0, 7]    targets [-100, -100, -100, 19, 0, 7, 27]
-    sort   inputs [7, 0, 19, 26, 0, 7, 19]    targets [-100, -100, -100, 0, 7, 19, 27]
-    (sort defaults to V=512, SEP=512, STOP=513, and draws the string without replacement.)"""
+    """A string of n tokens, SEP (V), the string again, STOP (V+1): as it was (copy), reversed (stack) or sorted
+    (sort, whose string has no repeats). V=26, stack of [7, 0, 19]: inputs [7, 0, 19, 26, 19, 0, 7], targets
+    [-100, -100, -100, 19, 0, 7, 27]."""
     if task == "sort":
         if n > V:
             raise ValueError(f"sort draws without replacement: length {n} > vocab_size {V}")
@@ -852,17 +826,13 @@ def _copy_like(task, b, n, V, g):
 
 
 def _mqar(b, n, V, g, T):
-    """Multi-query associative recall (zoology's multiquery_ar): n key-value pairs in T tokens.
-
-    Keys: distinct draws from [1, V/2) (zoology keeps 0 out of keys); values: distinct from [V/2, V).
-    The 2n-token context k_1 v_1 ... k_n v_n is followed by a (T − 2n)-token query region whose even
-    offsets are (T − 2n) // 2 slots; key i is queried at slot gap_i, the i-th of n draws without
-    replacement with p(slot s) ∝ (s+1)^(a−1): most queries come soon after the context, as repeated
-    bigrams do in text. The label at a query is the key's value. All other query-region tokens are
-    uniform filler from [0, V) (zoology's random_non_queries); a filler may repeat a key but carries no
-    label. V=8, length=2, T=12: keys [3, 1], values [6, 4], gaps [0, 2]:
-    inputs  [3, 6, 1, 4,     3, 5, 0, 7, 1, 2, 6, 2]
-    targets [-100] * 4 + [6, -100, -100, -100, 4, -100, -100, -100]"""
+    """Multi-query associative recall (zoology's multiquery_ar): n key-value pairs k_1 v_1 ... k_n v_n, keys
+    distinct from [1, V/2) (zoology keeps 0 out of keys), values distinct from [V/2, V), then T − 2n query tokens.
+    Key i is queried at slot gap_i of the (T − 2n) // 2 even offsets there, the i-th of n draws without
+    replacement with p(slot s) ∝ (s+1)^(a−1): most queries come soon after the context, as repeated bigrams do
+    in text. Its label is the key's value; the other query tokens are unlabeled filler from [0, V) (zoology's
+    random_non_queries), which may repeat a key. V=8, n=2, T=12, keys [3, 1], values [6, 4], gaps [0, 2]:
+    inputs [3, 6, 1, 4,  3, 5, 0, 7, 1, 2, 6, 2], targets [-100] * 4 + [6, -100, -100, -100, 4, -100, -100, -100]"""
     half = V // 2
     if n > half - 1:
         raise ValueError(f"mqar needs length <= vocab_size // 2 - 1 = {half - 1} distinct keys, got {n}")
@@ -879,11 +849,8 @@ def _mqar(b, n, V, g, T):
 
 
 def _selective_copy(b, L, V, g):
-    """Selective copying (Mamba §4.1.1): 16 tokens at random positions of an L-token BLANK region,
-    then SEP, then those tokens in order. Random spacing defeats a fixed-lag convolution.
-    V=16 (BLANK=16, SEP=17), length=17, tokens [3, 3, 9, 0, 12, 5, 5, 1, 15, 7, 2, 2, 8, 10, 4, 6]:
-    inputs  [3, 3, 9, 16, 0, 12, 5, 5, 1, 15, 7, 2, 2, 8, 10, 4, 6,   17, 3, 3, 9, 0, ..., 10, 4]
-    targets [-100] * 17 + [3, 3, 9, 0, 12, 5, 5, 1, 15, 7, 2, 2, 8, 10, 4, 6]"""
+    """Selective copying (Mamba §4.1.1): 16 tokens at random positions of an L-token region of BLANK (V), then
+    SEP (V+1), then those tokens in order, the labels. The random spacing defeats a fixed-lag convolution."""
     k = SELECTIVE_COPY_TOKENS
     if L < k:
         raise ValueError(f"selective_copy needs length >= {k} (the number of tokens to copy), got {L}")
@@ -894,10 +861,8 @@ def _selective_copy(b, L, V, g):
 
 
 def _induction(b, L, V, g):
-    """Induction heads (Mamba §4.1.2): after TRIGGER comes the answer; recall it at the final TRIGGER.
-    V=16 (TRIGGER=16), length=6, trigger at 1:
-    inputs  [5, 16, 9, 2, 11, 16]
-    targets [-100, -100, -100, -100, -100, 9]"""
+    """Induction heads (Mamba §4.1.2): L random tokens with TRIGGER (V) once inside and again at the end, where
+    the label is the token that followed the first. V=16, L=6: inputs [5, 16, 9, 2, 11, 16], last label 9."""
     if L < 4:  # the first trigger then has at least two possible positions
         raise ValueError(f"induction needs length >= 4, got {L}")
     inputs = torch.randint(V, (b, L), generator=g)
@@ -910,11 +875,10 @@ def _induction(b, L, V, g):
 
 
 def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq_len=None):
-    """(inputs, targets): LongTensors (batch_size, T) on the CPU, targets -100 where there is no loss.
-
-    length: string length (copy, stack, sort), key-value pairs (mqar), region length (selective_copy:
-    T = length + 16) or sequence length (induction: T = length). seq_len: mqar's T, which zoology sets
-    apart from the number of pairs (its configs use 16 tokens a pair); None gives T = 6 · length."""
+    """(inputs, targets): LongTensors (batch_size, T) on the CPU, targets -100 where there is no loss. length:
+    string length (copy, stack, sort), key-value pairs (mqar), region length (selective_copy: T = length + 16)
+    or sequence length (induction: T = length). seq_len: mqar's T, which zoology sets apart from the number of
+    pairs (its configs use 16 tokens a pair); None gives T = 6 · length."""
     V = _content_vocab(task, vocab_size)
     for name, value in (("batch_size", batch_size), ("length", length)):
         if value <= 0:
@@ -936,13 +900,11 @@ METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoo
 
 def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,
              device=None, seq_len=None):
-    """Accuracy of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval
-    mode under no_grad: token_acc over labeled positions (mqar: zoology's per-query accuracy), exact_match
-    (every labeled token right) and string_acc (Jelassi et al.'s: the pasted string right, STOP not scored).
-
-    Teacher-forced exact match equals greedy-decoding exact match: if every labeled token is right under
-    teacher forcing, greedy decoding feeds itself the same prefix at every step and so reproduces it;
-    conversely, at the first wrong greedy token the prefix was still correct, so teacher forcing errs there."""
+    """METRICS of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval
+    mode under no_grad: token_acc over labeled tokens, exact_match (every labeled token of a row right) and
+    string_acc (the pasted string right, STOP not scored). Teacher-forced exact match is greedy decoding's: with
+    every labeled token right, greedy decoding sees the same prefixes; at its first wrong token the prefix was
+    still right, so teacher forcing errs there too."""
     if n_batches <= 0:
         raise ValueError(f"n_batches must be positive, got {n_batches}")
     g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator
