@@ -1,6 +1,7 @@
 """What readers do with the repository: copy mimetic.py alone into their project, run the README's library
 example, execute the tutorial as a notebook."""
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -167,7 +168,12 @@ def test_tutorial_executes_as_a_notebook(tmp_path):
     out = subprocess.run(["jupytext", "--to", "ipynb", "--execute", "tutorial.py"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (tmp_path / "tutorial.ipynb").stat().st_size > 10_000  # executed, with its figures
+    notebook = json.loads((tmp_path / "tutorial.ipynb").read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code and all(cell["execution_count"] for cell in code)  # every cell ran, not only the file's text
+    images = [o for cell in code for o in cell["outputs"] if "image/png" in o.get("data", {})]
+    shown = len(re.findall(r"^plt\.show\(\)$", open(os.path.join(HERE, "tutorial.py")).read(), re.M))
+    assert shown >= 4 and len(images) == shown  # each plt.show() left its figure in the notebook
 
 
 @pytest.mark.long
