@@ -38,7 +38,9 @@ def test_mimetic_py_alone_trains_and_ignores_other_kernels_modules(tmp_path):
     project.mkdir()
     shutil.copy(os.path.join(HERE, "mimetic.py"), project)
     script = """
-import sys, torch, mimetic
+import sys
+sys.modules["mimetic_kernels"] = None  # a project without our package: this interpreter may have it installed
+import torch, mimetic
 assert mimetic.kernels is None and not mimetic.use_kernels and mimetic.__file__.startswith(sys.path[1])
 torch.manual_seed(0)
 for arch in ("mamba1", "mamba2"):
