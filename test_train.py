@@ -699,7 +699,7 @@ def test_default_threads_are_the_free_cores(monkeypatch):
     monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
 
     def proc_stat(busy_ticks):  # user nice system idle iowait irq softirq steal: 400 ticks = 4 cores × 100
-        lines = iter([f"cpu  0 0 0 400 0 0 0 0\ncpu0 ...", f"cpu  {busy_ticks} 0 0 {800 - busy_ticks} 0 0 0 0\n"])
+        lines = iter(["cpu  0 0 0 400 0 0 0 0\ncpu0 ...", f"cpu  {busy_ticks} 0 0 {800 - busy_ticks} 0 0 0 0\n"])
         monkeypatch.setattr(runtime.Path, "read_text", lambda self: next(lines))
 
     proc_stat(busy_ticks=100)
