@@ -29,7 +29,8 @@ from mimetic import METRICS, attention_map, attention_mask, layout_of, mixer_inp
 def load_runs(folder, finished_only=False):
     """Every run under `folder` (itself, its children or grandchildren): dicts with path, config, rows,
     failed (the divergence message, or None) and done (it trained all its steps). Sorted by path.
-    finished_only: only runs that are done or failed, leaving out those still training or stopped."""
+    finished_only: only runs that are done or failed, leaving out those still training or stopped. A run whose
+    last row is at its config's last step is done without its `done` file (results/ keeps only the two files)."""
     folder = Path(folder)
     paths = sorted({p.parent for pattern in ("metrics.jsonl", "*/metrics.jsonl", "*/*/metrics.jsonl")
                     for p in folder.glob(pattern)})
@@ -37,10 +38,10 @@ def load_runs(folder, finished_only=False):
     for path in paths:
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
         failed = (path / "failed").read_text().strip() if (path / "failed").exists() else None
-        done = (path / "done").exists()
+        config = json.loads((path / "config.json").read_text())
+        done = (path / "done").exists() or bool(rows) and rows[-1]["step"] == config.get("steps")
         if rows and (done or failed or not finished_only):
-            runs.append(dict(path=path, config=json.loads((path / "config.json").read_text()), rows=rows,
-                             failed=failed, done=done))
+            runs.append(dict(path=path, config=config, rows=rows, failed=failed, done=done))
     return runs
 
 
@@ -172,12 +173,15 @@ def steps_table(folders, steps, length=None, metrics=("exact_match", "token_acc"
     return lines
 
 
-def write_summary(out, names, title=None):
-    """summary.md (a table per metric) and summary.csv, plus the figures: summary.png (curves),
-    summary_final.png (bars), summary_lengths.png (final accuracy vs length, with 3 or more eval lengths)
-    and, for configs that differ in state size, vocabulary or training length, summary_state_size.png (Fig. 7b),
-    summary_vocab_size.png (Fig. 6) or summary_train_len.png (Fig. 9)."""
+def write_summary(out, names, title=None, to=None):
+    """The summary of the runs under out/<name> for each of `names`, written into `to` (default: out): summary.md
+    (a table per metric) and summary.csv, plus the figures: summary.png (curves), summary_final.png (bars),
+    summary_lengths.png (final accuracy vs length, with 3 or more eval lengths) and, for configs that differ in
+    state size, vocabulary or training length, summary_state_size.png (Fig. 7b), summary_vocab_size.png (Fig. 6)
+    or summary_train_len.png (Fig. 9)."""
     out = Path(out)
+    to = Path(to or out)
+    to.mkdir(parents=True, exist_ok=True)
     rows = summarize(out, names)
     if not rows:
         raise ValueError(f"no finished runs under {out}")
@@ -206,21 +210,21 @@ def write_summary(out, names, title=None):
     intro = [f"# {title or out.name}: final accuracy, mean ± std over seeds", "",
              "Per config, the learning rate and c with the best mean final exact match (then token accuracy) at "
              "the train length (marked *); every length is reported at that choice.", ""]
-    (out / "summary.md").write_text("\n".join(intro + sum(tables.values(), []) + notes))
-    with open(out / "summary.csv", "w", newline="") as f:
+    (to / "summary.md").write_text("\n".join(intro + sum(tables.values(), []) + notes))
+    with open(to / "summary.csv", "w", newline="") as f:
         flat = [{k: (f"{v[0]:.4f} ± {v[1]:.4f}" if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows]
         writer = csv.DictWriter(f, list(dict.fromkeys(k for r in flat for k in r)))
         writer.writeheader()
         writer.writerows(flat)
     print("\n".join(tables["exact_match"] + notes))
     groups = [load_run_group(out / r["config"], finished_only=True) for r in rows if r["seeds"]]
-    plot_accuracy(groups, out / "summary.png", out.name)
-    plot_final(groups, out / "summary_final.png", f"{out.name}: mean ± std over seeds")
+    plot_accuracy(groups, to / "summary.png", out.name)
+    plot_final(groups, to / "summary_final.png", f"{out.name}: mean ± std over seeds")
     if max(len(r["lens"]) for r in rows) >= 3:
-        plot_lengths(groups, out / "summary_lengths.png", out.name)
+        plot_lengths(groups, to / "summary_lengths.png", out.name)
     configs = [load_runs(out / r["config"])[0]["config"] for r in rows]
     for key in axes_to_plot(configs):
-        plot_against(rows, configs, key, out / AGAINST[key][1], out.name)
+        plot_against(rows, configs, key, to / AGAINST[key][1], out.name)
     return rows
 
 

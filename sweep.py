@@ -256,6 +256,22 @@ def plot_command(argv):
     print(f"wrote {args.out}")
 
 
+def summary_command(argv):
+    parser = argparse.ArgumentParser(prog="train.py summary", description="a sweep's summary (tables and figures) "
+                                     "from its runs' config.json and metrics.jsonl, e.g. those under results/")
+    parser.add_argument("folder", help="a sweep's folder: config folders of seed<k>/ run folders")
+    parser.add_argument("--configs", help="comma-separated config folders, in table order (default: all, sorted)")
+    parser.add_argument("--to", help="where summary.md, summary.csv and the figures go (default: the folder)")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    names = args.configs.split(",") if args.configs else sorted(p.name for p in folder.iterdir() if p.is_dir())
+    try:
+        figures.write_summary(folder, names, to=args.to)
+    except (ValueError, OSError) as e:
+        fail(e)
+    print(f"wrote {Path(args.to or folder) / 'summary.md'} (a table per metric, and each seed's exact match)")
+
+
 def layer_map(folder, layer):
     """(attention map, mask or None) of one layer of a finished run, on its attention-map example."""
     saved = load_checkpoint(folder)
@@ -268,10 +284,11 @@ def layer_map(folder, layer):
 
 
 def main(argv=None):
-    """train.py's commands beyond one run: eval, plot, and a grid of runs (or its --dry-run)."""
+    """train.py's commands beyond one run: eval, plot, summary, and a grid of runs (or its --dry-run)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["eval"], ["plot"]):
-        return (eval_command if argv[0] == "eval" else plot_command)(argv[1:])
+    commands = dict(eval=eval_command, plot=plot_command, summary=summary_command)
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     try:
         g = grid(argv)
     except ValueError as e:

@@ -396,6 +396,19 @@ def test_summary_leaves_out_unfinished_runs_and_lists_them(tmp_path):
     assert "unfinished runs" in text and "- cfg/seed1" in text
 
 
+def test_summary_command_reads_committed_results_whose_runs_reached_their_last_step(tmp_path, capsys):
+    """results/ keeps config.json and metrics.jsonl only: a run is finished when its last row is at its last step."""
+    for seed, (steps, final) in enumerate(((10, 0.5), (10, 1.0), (20, 0.0))):  # seed2 stopped at step 10 of 20
+        fake_run(tmp_path / "results" / "cfg" / f"seed{seed}", 4, {4: final, 8: final}, unfinished=True)
+        config = tmp_path / "results" / "cfg" / f"seed{seed}" / "config.json"
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), steps=steps)))
+    sweep.main(["summary", str(tmp_path / "results"), "--to", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| cfg | 2 | 0.003 | 8 | 0.750 ± 0.354 | 0.750 ± 0.354 |" in text and "- cfg/seed2" in text
+    assert sorted(p.name for p in (tmp_path / "results" / "cfg" / "seed0").iterdir()) == ["config.json", "metrics.jsonl"]
+    assert "wrote " + str(tmp_path / "out" / "summary.md") in capsys.readouterr().out
+
+
 def test_summary_averages_seeds_and_names_lengths_when_configs_differ(tmp_path):
     """Two configs with different eval lengths (copy vs mqar in the tasks preset)."""
     for name, train_len, finals in (("copy", 16, (0.5, 1.0)), ("mqar", 8, (0.25, 0.25))):

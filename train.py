@@ -19,8 +19,8 @@ The defaults are the CPU main job: a 2-layer Mamba 2 (d_model 64, N 128, head di
 of 64 tokens for 4000 steps, evaluated at 16, 32 and 64; size flags left unset are the arch's in
 mimetic.ARCHS (Mamba 1: N 32). --preset NAME is a figure of the paper (presets.py, every value with its
 source) at the paper's size (--scale paper, for a GPU) or at the main job's (--scale cpu). sweep.py runs
-grids, torchrun, --dry-run, eval and plot. This file, top to bottom: flags and config → model, optimizer
-and batches → checkpoints → the training loop → main.
+grids, torchrun, --dry-run, eval, plot and summary (a sweep's tables from its metrics files, as in results/).
+This file, top to bottom: flags and config → model, optimizer, batches → checkpoints → training loop → main.
 """
 import argparse
 import json
@@ -532,8 +532,8 @@ def run_one(cfg, out, label):
 
 
 def main(argv=None):
-    """One run. What its flags do not cover (a grid's flags, `eval`, `plot`, --help) and runs under torchrun
-    go to sweep.py, which builds on this file."""
+    """One run. What its flags do not cover (a grid's flags, `eval`, `plot`, `summary`, --help) and runs under
+    torchrun go to sweep.py, which builds on this file."""
     argv = sys.argv[1:] if argv is None else argv
     args, rest = build_parser(whole=False).parse_known_args(argv)
     if rest or int(os.environ.get("WORLD_SIZE", 1)) > 1:
