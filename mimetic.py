@@ -36,29 +36,26 @@ from torch.nn.utils import parametrize
 
 
 def _fast_path():
-    """kernels.py's fast scans: in a checkout (or pip install -e .) the kernels.py beside this file, run only if
-    it has our marker line (another `kernels`, such as the Hugging Face kernel hub's, never is) and loaded under
-    the private name mimetic_kernels; after pip install ., the module mimetic_kernels. Without them (mimetic.py
-    copied alone): None, this file's own loops do the work, and one warning says why."""
+    """kernels.py's fast scans, as the module mimetic_kernels: the kernels.py beside this file (a checkout, pip
+    install -e .), run only if it has our marker line, so that another project's kernels.py never runs; without
+    one, the installed mimetic_kernels (pip install .). Else (mimetic.py copied alone) None, with a warning."""
     path = Path(__file__).with_name("kernels.py")
     try:
         if not path.is_file():
             import mimetic_kernels
             return mimetic_kernels
-        if "\nMIMETIC_KERNELS = True" in path.read_text(encoding="utf-8"):
-            spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
-            module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        why = f"{path} is not mimetic's kernels.py"
+        if "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
+            raise ImportError(f"{path} is not mimetic's kernels.py")
+        spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     except Exception as error:
         sys.modules.pop("mimetic_kernels", None)
-        missing = isinstance(error, ModuleNotFoundError) and error.name == "mimetic_kernels"
-        why = (f"no kernels.py beside {__file__}, and no module mimetic_kernels" if missing else
-               f"{path if path.is_file() else 'mimetic_kernels'} failed to import: {error!r}")
-    warnings.warn(f"mimetic runs its own PyTorch loops, about 8× slower than kernels.py's scans: {why}")
-    return None
-
+        where = path if path.is_file() else f"mimetic_kernels (no kernels.py beside {Path(__file__).name})"
+        warnings.warn(f"mimetic runs its own PyTorch loops, about 8× slower than kernels.py's scans, as {where} "
+                      f"failed to import: {error!r}")
+        return None
 
 kernels = _fast_path()
 use_kernels = kernels is not None  # set False to force the readable loop (tests compare the two)
@@ -83,7 +80,6 @@ def selective_scan_loop(u, delta, A, B, C):
         ys.append((h * C_t[:, :, None]).sum(-1).view(b, D))
     return torch.stack(ys, dim=-1)  # (b, D, L)
 
-
 def selective_scan(u, dt, A, B, C, D, z, dt_bias):
     """The Mamba 1 scan with softplus(dt + bias), the D skip and the SiLU(z) gate. B, C: (b, N, L)."""
     if use_kernels:
@@ -91,7 +87,6 @@ def selective_scan(u, dt, A, B, C, D, z, dt_bias):
     delta = F.softplus(dt + dt_bias[:, None])
     y = selective_scan_loop(u, delta, A, B[:, None], C[:, None]) + D[:, None] * u
     return y * F.silu(z)
-
 
 def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
     """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P).
@@ -132,11 +127,9 @@ class RMSNorm(nn.Module):
 # Selective state space layers
 
 def causal_conv1d(x, weight, bias):
-    """Depthwise causal conv over time, in the (b, L, C) layout the projections produce:
-    out[:, t, c] = bias[c] + Σ_k weight[c, 0, k] · x[:, t − (K−1) + k, c], with x = 0 before the start: the
-    numbers of nn.Conv1d(groups=C, padding=K−1) cut to L steps, as K multiply-adds that skip two transposes
-    and conv's slow backward (several times faster on short sequences). In x's dtype, as autocast runs
-    nn.Conv1d: fp32 taps would turn a bf16 x into fp32 beside bf16 dt and z, which the scans refuse."""
+    """nn.Conv1d(groups=C, padding=K−1) cut to L steps, on x (b, L, C): out[:, t, c] = bias[c] + Σ_k weight[c, 0, k]
+    · x[:, t − (K−1) + k, c], x = 0 before the start; K multiply-adds skip two transposes and conv's slow backward.
+    In x's dtype, as autocast runs nn.Conv1d (fp32 taps would make a bf16 x fp32, which the scans refuse)."""
     K, L = weight.shape[-1], x.shape[1]
     padded = F.pad(x, (0, 0, K - 1, 0))  # (b, K − 1 + L, C)
     taps = weight[:, 0].T.to(x.dtype)  # (K, C): taps[K − 1] multiplies the current token
@@ -144,7 +137,6 @@ def causal_conv1d(x, weight, bias):
     for k in range(1, K):
         out = torch.addcmul(out, padded[:, k:k + L], taps[k])
     return out
-
 
 def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
@@ -154,11 +146,9 @@ def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     dt = log_dt.exp().clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(Δ) = Δ + log(1 − e^{−Δ})
 
-
 def _check_input(hidden_states, d_model):
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"hidden_states must be (batch, length, {d_model}), got {tuple(hidden_states.shape)}")
-
 
 class SelectiveSSM(nn.Module):
     """What Mamba 1 and 2 share: A = −exp(A_log), or once mimetic_init_ sets the buffer mimetic_c, the mimetic
@@ -172,7 +162,6 @@ class SelectiveSSM(nn.Module):
     def A(self):
         A_log = self.A_log.float()
         return -torch.exp(A_log if self.mimetic_c is None else -self.mimetic_c * A_log)
-
 
 class Mamba1(SelectiveSSM):
     """The Mamba 1 block (Eq. 9), (b, L, d_model) → (b, L, d_model), with the reference module's parameter
@@ -206,7 +195,6 @@ class Mamba1(SelectiveSSM):
         x, dt, B, C, z = (t.transpose(1, 2) for t in (x, dt, B, C, z))  # time last: (b, D or N, L)
         y = selective_scan(x, dt, self.A, B, C, self.D.float(), z, self.dt_proj.bias.float())
         return self.out_proj(y.transpose(1, 2))  # (b, L, d_model)
-
 
 class Mamba2(SelectiveSSM):
     """The Mamba 2 block with the reference names: in_proj emits [z, x, B, C, dt]; one conv1d over
@@ -249,7 +237,6 @@ class Mamba2(SelectiveSSM):
 def _split_heads(t, n_heads):
     return t.view(*t.shape[:2], n_heads, -1).transpose(1, 2)  # (b, L, h·d) → (b, h, L, d)
 
-
 class Attention(nn.Module):
     """Causal softmax self-attention without positional embedding: in the paper's hybrid, position
     comes from the neighbouring Mamba layers."""
@@ -271,11 +258,8 @@ class Attention(nn.Module):
     def attention_matrix(self, hidden_states):
         _check_input(hidden_states, self.d_model)
         q, k, _ = (_split_heads(t, self.n_heads) for t in self.qkv(hidden_states).chunk(3, dim=-1))
-        L = q.shape[2]
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, h, L, L)
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-
+        return scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
 
 class LinearAttention(nn.Module):
     """Simple causal linear attention, y_i = Σ_{j≤i} (q_i · k_j / √head_dim) v_j, with no feature map and no
@@ -310,7 +294,6 @@ class Arch:
     build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → that layer's mixer
     defaults: dict = field(default_factory=dict)      # the ModelConfig fields left None take these
 
-
 # The paper's values live here, and ModelConfig passes them explicitly: the Mamba classes keep the
 # reference modules' signatures (Mamba1's d_state=16 is mamba_ssm's).
 ARCHS = {
@@ -327,7 +310,6 @@ ARCHS = {
     "attention": Arch("A", lambda cfg, i: Attention(cfg.d_model, cfg.n_heads)),
     "linear": Arch("L", lambda cfg, i: LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)),
 }
-
 
 @dataclass
 class ModelConfig:
@@ -379,7 +361,6 @@ class ModelConfig:
                              f"set arch to one of them (it is {self.arch!r})")
         return names[0]
 
-
 class Block(nn.Module):
     def __init__(self, mixer, d_model):
         super().__init__()
@@ -387,7 +368,6 @@ class Block(nn.Module):
 
     def forward(self, h):
         return h + self.mixer(self.norm(h))
-
 
 class LM(nn.Module):
     """A token model, initialized as the reference Mamba LM is."""
@@ -412,10 +392,6 @@ class LM(nn.Module):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
                 with torch.no_grad():
                     p /= math.sqrt(config.n_layers)
-
-    def mixer_inputs(self, input_ids):
-        """The normalized hidden states each layer's mixer reads: a list of (b, L, d_model)."""
-        return list(mixer_inputs(self, input_ids).values())
 
     def forward(self, input_ids):
         if input_ids.dim() != 2:
@@ -511,12 +487,10 @@ class Layout:
     dt_in_bias: torch.Tensor | None = None
     dt_limit: tuple = (0.0, math.inf)
 
-
 def _mamba1_layout(layer, N, R):
     """Mamba 1: x_proj rows are [dt (R), B (N), C (N)]; W_Δ = dt_proj.weight, b_Δ = dt_proj.bias."""
     return Layout(1, layer.x_proj, [slice(R, R + N)], [slice(R + N, R + 2 * N)], layer.dt_proj.weight,
                   layer.dt_proj.bias)
-
 
 def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
     """Mamba 2: in_proj rows are [z0, x0 (mamba_ssm's MLP, when d_ssm < d_inner), z, x, B (G·N), C (G·N), dt (H)];
@@ -530,7 +504,6 @@ def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
     return Layout(2, W, groups(first), groups(first + G * N), W.weight[-H:], layer.dt_bias,
                   None if W.bias is None else W.bias[-H:], tuple(dt_limit))
 
-
 LAYOUTS = {  # (library, class name) → layout of another library's Mamba layer
     ("mamba_ssm", "Mamba"): lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),
     ("mamba_ssm", "Mamba2"): lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads,
@@ -540,7 +513,6 @@ LAYOUTS = {  # (library, class name) → layout of another library's Mamba layer
                                                               m.time_step_limit),
 }
 _name = lambda layer: parametrize.type_before_parametrizations(layer).__name__  # the user's class, not Parametrized…
-
 
 def layout_of(layer):
     """The Layout of a Mamba layer, else None: ours by isinstance, another library's by a class in its type's
@@ -554,7 +526,6 @@ def layout_of(layer):
             return LAYOUTS[key](layer)
     return None
 
-
 def sequence_mixers(module):
     """{index: mixer}: a Mamba layer is {0: it}; a model's mixers are indexed as its list of blocks (ours:
     model.layers; others: model.backbone.layers), attention included, so the paper's "layer 4 of 8" is 3;
@@ -566,11 +537,9 @@ def sequence_mixers(module):
             return {i: b.mixer for i, b in enumerate(blocks) if hasattr(b, "mixer")}
     return dict(enumerate(m for m in module.modules() if layout_of(m)))
 
-
 def mamba_layers(module):
     """{index: Mamba layer} of a module, indexed as sequence_mixers."""
     return {i: m for i, m in sequence_mixers(module).items() if layout_of(m)}
-
 
 def mixer_inputs(model, input_ids):
     """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) in
@@ -589,7 +558,6 @@ def mixer_inputs(model, input_ids):
             hook.remove()
     return {i: seen[i] for i in mixers if i in seen}
 
-
 class MimeticA(nn.Module):
     """A_log = −c · raw as a parametrization (torch.nn.utils.parametrize), for layers whose source we do not edit:
     their own forward then computes A = −exp(−c · raw). The state dict holds raw (trained, _no_weight_decay kept)
@@ -603,7 +571,6 @@ class MimeticA(nn.Module):
 
     def forward(self, raw):
         return -self.c * raw
-
 
 @torch.no_grad()
 def bake_mimetic_A_(module):
@@ -621,7 +588,6 @@ def bake_mimetic_A_(module):
             parametrize.remove_parametrizations(layer, "A_log", leave_parametrized=True)
             layer.A_log._no_weight_decay = decay
     return module
-
 
 def ssm_inputs(layer, hidden_states):
     """What the SSM of any Mamba layer reads from hidden_states (b, L, d_model): x after the conv and SiLU, dt
@@ -642,12 +608,10 @@ def ssm_inputs(layer, hidden_states):
     x, B, C = F.silu(causal_conv1d(xBC, conv.weight, conv.bias)).split([D, G * N, G * N], dim=-1)
     return x.unflatten(-1, (H, D // H)), dt, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), z
 
-
 def ssm_A(layer):
     """A of any Mamba layer in fp32: (D, N) for Mamba 1, (H, 1) for Mamba 2 (a scalar per head)."""
     A = layer.A if isinstance(layer, SelectiveSSM) else -torch.exp(layer.A_log.float())
     return A.reshape(len(A), -1)
-
 
 def ssm_params(layer, hidden_states):
     """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer, all Eq. 8 needs, per channel (Mamba 2: per
@@ -673,7 +637,6 @@ def segsum(log_a):
     terms = log_a[..., :, None].expand(*log_a.shape, L).masked_fill(~ones.tril(-1), 0)  # [k, j] = log_a[k], k > j
     return terms.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
 
-
 def ssm_matrix(delta, A, B, C):
     """Eq. 8: M[b, d, i, j] = Σ_n C[b, n, i] · exp(Σ_{k=j+1..i} Δ[b, d, k] A[d, n]) · Δ[b, d, j] B[b, n, j].
     delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) → M: (b, D, L, L), with y_d = M_d x_d the scan. With one A
@@ -689,7 +652,6 @@ def ssm_matrix(delta, A, B, C):
         M += C_n[..., :, None] * segsum(delta * A[:, n, None]).exp() * (delta * B_n)[..., None, :]
     return M
 
-
 def attention_matrix(layer, hidden_states):
     """M of a mixing layer (any library's Mamba, Attention, LinearAttention) on the hidden_states it reads: (b, D,
     L, L) per channel for Mamba 1, (b, H, L, L) per head for the others. For Mamba, M times the SSM input (after
@@ -704,11 +666,9 @@ def attention_matrix(layer, hidden_states):
         return M.to(torch.promote_types(M.dtype, torch.float32))
     raise TypeError(f"no attention matrix for {_name(layer)}")
 
-
 def attention_map(layer, hidden_states):
     """The layer's attention map (§2): M averaged over channels (heads), (b, L, L)."""
     return attention_matrix(layer, hidden_states).mean(1)
-
 
 def attention_mask(layer, hidden_states):
     """The average attention mask (§2), (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}: (b, L, L), whose reach shows how
@@ -718,7 +678,6 @@ def attention_mask(layer, hidden_states):
     delta, A, _, _ = ssm_params(layer, hidden_states)
     columns = A[:, :1] if torch.equal(A, A[:, :1].expand_as(A)) else A  # one A for all N: one mask serves them
     return sum(segsum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
-
 
 @torch.no_grad()
 def mimetic_report(model, input_ids=None):
@@ -747,7 +706,6 @@ def mimetic_report(model, input_ids=None):
                          delta=delta.mean().item(), delta_std=delta.std(correction=0).item(),
                          bc_cos=sum(cos) / len(cos), conv_err=conv_err))
     return rows
-
 
 def format_report(rows):
     """mimetic_report's rows as a table, one line per layer."""
@@ -782,7 +740,6 @@ SELECTIVE_COPY_TOKENS = 16  # tokens to memorize in selective copying (Mamba App
 MQAR_POWER_A = 0.01  # zoology's power law a for where mqar queries fall (a = 1: uniform)
 EVAL_SEED = 2**31 - 1  # evaluate()'s default batches, apart from make_batch's default stream
 
-
 def _content_vocab(task, vocab_size):
     if task not in TASK_VOCAB:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -791,23 +748,19 @@ def _content_vocab(task, vocab_size):
         raise ValueError(f"vocab_size must be positive, got {V}")
     return V
 
-
 def task_vocab_size(task, vocab_size=None):
     """Embedding size an LM needs for `task`: its content tokens plus its special tokens."""
     return _content_vocab(task, vocab_size) + len(TASK_VOCAB[task][1])
 
-
 def _sample_distinct(b, population, k, g):
     """(b, k) distinct ints from range(population) per row, in random order (top-k of noise)."""
     return torch.rand(b, population, generator=g).topk(k, dim=1).indices
-
 
 def _shift(seq, first_label):
     """Teacher forcing: predict seq[t+1] from seq[:t+1], with labels from prediction `first_label` on."""
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()
     targets[:, :first_label] = -100
     return inputs, targets
-
 
 def _copy_like(task, b, n, V, g):
     """A string of n tokens, SEP (V), the string again, STOP (V+1): as it was (copy), reversed (stack) or sorted
@@ -823,7 +776,6 @@ def _copy_like(task, b, n, V, g):
         y = x.flip(1) if task == "stack" else x
     sep, stop = torch.full((b, 1), V), torch.full((b, 1), V + 1)
     return _shift(torch.cat([x, sep, y, stop], dim=1), n)  # labels: the pasted string and STOP
-
 
 def _mqar(b, n, V, g, T):
     """Multi-query associative recall (zoology's multiquery_ar): n key-value pairs k_1 v_1 ... k_n v_n, keys
@@ -847,7 +799,6 @@ def _mqar(b, n, V, g, T):
     targets = torch.full((b, T), -100).scatter_(1, 2 * n + 2 * gaps, values)
     return torch.cat([context, queries], dim=1), targets
 
-
 def _selective_copy(b, L, V, g):
     """Selective copying (Mamba §4.1.1): 16 tokens at random positions of an L-token region of BLANK (V), then
     SEP (V+1), then those tokens in order, the labels. The random spacing defeats a fixed-lag convolution."""
@@ -858,7 +809,6 @@ def _selective_copy(b, L, V, g):
     where = _sample_distinct(b, L, k, g).sort(dim=1).values  # sorted: the tokens keep their order
     region = torch.full((b, L), V).scatter_(1, where, tokens)
     return _shift(torch.cat([region, torch.full((b, 1), V + 1), tokens], dim=1), L)
-
 
 def _induction(b, L, V, g):
     """Induction heads (Mamba §4.1.2): L random tokens with TRIGGER (V) once inside and again at the end, where
@@ -872,7 +822,6 @@ def _induction(b, L, V, g):
     targets = torch.full((b, L), -100)
     targets[:, -1] = inputs.gather(1, p + 1).squeeze(1)
     return inputs, targets
-
 
 def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq_len=None):
     """(inputs, targets): LongTensors (batch_size, T) on the CPU, targets -100 where there is no loss. length:
@@ -892,11 +841,9 @@ def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq
         return _mqar(batch_size, length, V, g, 6 * length if seq_len is None else seq_len)
     return (_selective_copy if task == "selective_copy" else _induction)(batch_size, length, V, g)
 
-
 # What evaluate returns, with the headings tables and plots give them
 METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
            "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
-
 
 def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,
              device=None, seq_len=None):
