@@ -126,17 +126,12 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Selective state space layers
 
-def causal_conv1d(x, weight, bias):
-    """nn.Conv1d(groups=C, padding=K−1) cut to L steps, on x (b, L, C): out[:, t, c] = bias[c] + Σ_k weight[c, 0, k]
-    · x[:, t − (K−1) + k, c], x = 0 before the start; K multiply-adds skip two transposes and conv's slow backward.
-    In x's dtype, as autocast runs nn.Conv1d (fp32 taps would make a bf16 x fp32, which the scans refuse)."""
-    K, L = weight.shape[-1], x.shape[1]
-    padded = F.pad(x, (0, 0, K - 1, 0))  # (b, K − 1 + L, C)
-    taps = weight[:, 0].T.to(x.dtype)  # (K, C): taps[K − 1] multiplies the current token
-    out = padded[:, :L] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), padded[:, :L], taps[0])
-    for k in range(1, K):
-        out = torch.addcmul(out, padded[:, k:k + L], taps[k])
-    return out
+def causal_conv(layer, x):
+    """layer.conv1d (depthwise, K − 1 steps of padding) cut to the first L steps: x (b, L, C) → (b, L, C), out[t]
+    reads x[t − K + 1 .. t]. kernels.causal_conv1d is the same conv as K multiply-adds, faster on the CPU."""
+    if use_kernels:
+        return kernels.causal_conv1d(x, layer.conv1d.weight, layer.conv1d.bias)
+    return layer.conv1d(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
 
 def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
@@ -189,7 +184,7 @@ class Mamba1(SelectiveSSM):
     def forward(self, hidden_states):
         _check_input(hidden_states, self.d_model)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))
+        x = F.silu(causal_conv(self, x))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.T  # (b, L, D): W_Δ X; the scan adds b_Δ
         x, dt, B, C, z = (t.transpose(1, 2) for t in (x, dt, B, C, z))  # time last: (b, D or N, L)
@@ -224,7 +219,7 @@ class Mamba2(SelectiveSSM):
         _check_input(hidden_states, self.d_model)
         D, G, N, H = self.d_inner, self.ngroups, self.d_state, self.nheads
         z, xBC, dt = self.in_proj(hidden_states).split([D, D + 2 * G * N, H], dim=-1)  # dt: (b, L, H)
-        x, B, C = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)).split([D, G * N, G * N], dim=-1)
+        x, B, C = F.silu(causal_conv(self, xBC)).split([D, G * N, G * N], dim=-1)
         x, B, C = x.unflatten(-1, (H, self.headdim)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
         y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
         y = self.norm(y.reshape(*z.shape), z)  # (b, L, D)
@@ -593,19 +588,19 @@ def ssm_inputs(layer, hidden_states):
     """What the SSM of any Mamba layer reads from hidden_states (b, L, d_model): x after the conv and SiLU, dt
     before its bias, B, C and the gate z (Eq. 9). Mamba 1, time last as the scan wants them: x, dt, z (b, D, L),
     B, C (b, N, L). Mamba 2: x (b, L, H, P), dt (b, L, H), B, C (b, L, G, N), z (b, L, D)."""
-    where, W, conv = layout_of(layer), layer.in_proj, layer.conv1d
+    where, W = layout_of(layer), layer.in_proj
     _check_input(hidden_states, W.in_features)
     if where.version == 1:
         x, z = W(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
-        x = F.silu(causal_conv1d(x, conv.weight, conv.bias))
+        x = F.silu(causal_conv(layer, x))
         R, N = where.B[0].start, where.B[0].stop - where.B[0].start  # x_proj rows: [dt (R), B (N), C (N)]
         dt, B, C = layer.x_proj(x).split([R, N, N], dim=-1)
         dt = dt @ layer.dt_proj.weight.T  # (b, L, D); the bias is added in the scan
         return tuple(t.transpose(1, 2) for t in (x, dt, B, C, z))  # (b, D or N, L)
     G, N, H = len(where.B), where.B[0].stop - where.B[0].start, where.dt_weight.shape[0]
-    D = conv.in_channels - 2 * G * N  # mamba_ssm's d_ssm: in_proj rows are [z0, x0, z, x, B, C, dt]
+    D = layer.conv1d.in_channels - 2 * G * N  # mamba_ssm's d_ssm: in_proj rows are [z0, x0, z, x, B, C, dt]
     _, z, xBC, dt = W(hidden_states).split([W.out_features - 2 * D - 2 * G * N - H, D, D + 2 * G * N, H], dim=-1)
-    x, B, C = F.silu(causal_conv1d(xBC, conv.weight, conv.bias)).split([D, G * N, G * N], dim=-1)
+    x, B, C = F.silu(causal_conv(layer, xBC)).split([D, G * N, G * N], dim=-1)
     return x.unflatten(-1, (H, D // H)), dt, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), z
 
 def ssm_A(layer):
