@@ -4,19 +4,17 @@ Trockman, Harutyunyan, Kolter, Kumar, Bhojanapalli (2024), "Mimetic Initializati
 Models Learn to Recall", arXiv:2410.11135. The synthetic tasks follow that paper and Gu & Dao (2023) §4.1.
 
 Glossary (code → paper):
-  d_inner                     D       SSM channels (expand · d_model); the layer input is X ∈ R^{D×T}
-  d_state                     N       state size per channel
-  L                           T       sequence length
-  A_log, layer.A              A       continuous diagonal state matrix, A = −exp(A_log) (§2); Mamba 2: one
-                                      scalar per head H
-  mimetic_c                   c       mimetic reparameterization A = −exp(−c · A_log) (§3.1)
-  dt, delta                   Δ       step size softplus(W_Δ X + b_Δ) (Eq. 4); b_Δ = dt_proj.bias (Mamba 1),
-                                      dt_bias (Mamba 2)
-  x_proj / in_proj rows       W_B, W_C  input and output projections of the state (Eq. 5–6)
-  B, C                        B_t, C_t  B̄ = Δ B (Eq. 5), C = W_C X (Eq. 6)
-  exp(Δ A)                    Ā       discretized A (Eq. 7)
-  attention_matrix            M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
-  attention_map / _mask               channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
+  d_inner                D       SSM channels (expand · d_model); the layer input is X ∈ R^{D×T}
+  d_state                N       state size per channel
+  L                      T       sequence length
+  A_log, layer.A         A       continuous diagonal state matrix, A = −exp(A_log) (§2); Mamba 2: a scalar per head H
+  mimetic_c              c       mimetic reparameterization A = −exp(−c · A_log) (§3.1)
+  dt, delta              Δ       step size softplus(W_Δ X + b_Δ) (Eq. 4), b_Δ = dt_proj.bias / dt_bias (Mamba 1 / 2)
+  x_proj / in_proj rows  W_B, W_C  input and output projections of the state (Eq. 5–6)
+  B, C                   B_t, C_t  B̄ = Δ B (Eq. 5), C = W_C X (Eq. 6)
+  exp(Δ A)               Ā       discretized A (Eq. 7)
+  attention_matrix       M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
+  attention_map / _mask          channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
 
 Reading order: the selective scan (the spec), norms, Mamba 1 and 2, baselines, the LM and its table of
 architectures, mimetic init, other libraries' Mamba layers, attention maps, tasks, evaluate.
@@ -37,8 +35,7 @@ from torch.nn.utils import parametrize
 
 def _fast_path():
     """kernels.py's fast scans, as the module mimetic_kernels: the kernels.py beside this file (a checkout, pip
-    install -e .), run only if it has our marker line, so that another project's kernels.py never runs; without
-    one, the installed mimetic_kernels (pip install .). Else (mimetic.py copied alone) None, with a warning."""
+    install -e .) if it has our marker line, never another project's; else the installed one (pip install .)."""
     path = Path(__file__).with_name("kernels.py")
     try:
         if not path.is_file():
@@ -66,11 +63,10 @@ SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimeti
 # Selective scan (Eq. 2–3): the readable loop is the spec, kernels.py the fast path
 
 def selective_scan_loop(u, delta, A, B, C):
-    """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), one step at a time.
-    u, delta: (b, D, L); A: (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G).
-    Returns y: (b, D, L). unbind() slices time once, so autograd does not copy (b, D, L) per step."""
-    b, D, L = u.shape
-    G, N = B.shape[1], B.shape[2]
+    """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), one step at a time. u, delta:
+    (b, D, L); A: (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G). unbind() slices time once, so
+    autograd does not copy (b, D, L) per step."""
+    (b, D, _), (G, N) = u.shape, B.shape[1:3]
     h = u.new_zeros(b, G, D // G, N)
     A = A.view(G, D // G, N)
     ys = []
@@ -93,8 +89,7 @@ def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
     Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2)."""
     if use_kernels:
         return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk_size)
-    b, L, H, P = x.shape
-    N = B.shape[-1]
+    (b, L, H, P), N = x.shape, B.shape[-1]
     u = x.permute(0, 2, 3, 1).reshape(b, H * P, L)  # (b, H·P, L)
     delta = F.softplus(dt + dt_bias).transpose(1, 2).repeat_interleave(P, dim=1)  # (b, H·P, L)
     A = A.repeat_interleave(P)[:, None].expand(H * P, N)  # (H·P, N)
@@ -114,21 +109,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x, z=None):
-        dtype = x.dtype
-        x = x.float()
-        if z is not None:
-            x = x * F.silu(z.float())
-        groups = x.view(*x.shape[:-1], -1, self.group_size)  # (..., d / group_size, group_size)
+        h = x.float() if z is None else x.float() * F.silu(z.float())
+        groups = h.view(*h.shape[:-1], -1, self.group_size)  # (..., d / group_size, group_size)
         groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (groups.view_as(x) * self.weight).to(dtype)
+        return (groups.view_as(h) * self.weight).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Selective state space layers
 
 def causal_conv(layer, x):
-    """layer.conv1d (depthwise, K − 1 steps of padding) cut to the first L steps: x (b, L, C) → (b, L, C), out[t]
-    reads x[t − K + 1 .. t]. kernels.causal_conv1d is the same conv as K multiply-adds, faster on the CPU."""
+    """layer.conv1d cut to the first L steps, causal: x (b, L, C) → (b, L, C); kernels.causal_conv1d is it, faster."""
     if use_kernels:
         return kernels.causal_conv1d(x, layer.conv1d.weight, layer.conv1d.bias)
     return layer.conv1d(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
@@ -173,8 +164,7 @@ class Mamba1(SelectiveSSM):
         self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, D, bias=True)
         nn.init.uniform_(self.dt_proj.weight, -dt_scale * R**-0.5, dt_scale * R**-0.5)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt_bias_init(D, dt_min, dt_max, dt_init_floor))
+        self.dt_proj.bias = nn.Parameter(dt_bias_init(D, dt_min, dt_max, dt_init_floor))
         self.dt_proj.bias._no_reinit = True  # the LM's init zeroes Linear biases, but not this one
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
         self.D = nn.Parameter(torch.ones(D))
@@ -199,11 +189,10 @@ class Mamba2(SelectiveSSM):
                  dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, chunk_size=64, conv_bias=True, bias=False):
         super().__init__()
         self.d_model, self.d_state, self.d_inner = d_model, d_state, expand * d_model
-        if self.d_inner % headdim:
-            raise ValueError(f"d_inner = expand·d_model = {self.d_inner} is not divisible by headdim={headdim}")
         self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, self.d_inner // headdim, ngroups, chunk_size
-        if self.nheads % ngroups:
-            raise ValueError(f"nheads={self.nheads} is not divisible by ngroups={ngroups}")
+        if self.d_inner % headdim or self.nheads % ngroups:
+            raise ValueError(f"headdim={headdim} must divide d_inner = expand·d_model = {self.d_inner}, and "
+                             f"ngroups={ngroups} must divide nheads={self.nheads}")
         D, N, G, H = self.d_inner, d_state, ngroups, self.nheads
         self.in_proj = nn.Linear(d_model, 2 * D + 2 * G * N + H, bias=bias)
         self.conv1d = nn.Conv1d(D + 2 * G * N, D + 2 * G * N, d_conv, groups=D + 2 * G * N,
@@ -222,8 +211,7 @@ class Mamba2(SelectiveSSM):
         x, B, C = F.silu(causal_conv(self, xBC)).split([D, G * N, G * N], dim=-1)
         x, B, C = x.unflatten(-1, (H, self.headdim)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
         y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
-        y = self.norm(y.reshape(*z.shape), z)  # (b, L, D)
-        return self.out_proj(y)
+        return self.out_proj(self.norm(y.reshape(*z.shape), z))  # norm(y · SiLU(z)) (b, L, D) → (b, L, d_model)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,8 +221,7 @@ def _split_heads(t, n_heads):
     return t.view(*t.shape[:2], n_heads, -1).transpose(1, 2)  # (b, L, h·d) → (b, h, L, d)
 
 class Attention(nn.Module):
-    """Causal softmax self-attention without positional embedding: in the paper's hybrid, position
-    comes from the neighbouring Mamba layers."""
+    """Causal softmax self-attention, no positional embedding: in the paper's hybrid the Mamba layers give it."""
 
     def __init__(self, d_model, n_heads=1):
         super().__init__()
@@ -284,13 +271,12 @@ class LinearAttention(nn.Module):
 
 @dataclass(frozen=True)
 class Arch:
-    """A kind of sequence mixer. Registering one is an entry in ARCHS (and its class)."""
+    """A kind of sequence mixer, registered by an entry in ARCHS (and its class). The paper's values live in ARCHS,
+    and ModelConfig passes them explicitly: the Mamba classes keep the reference signatures (Mamba1's d_state=16)."""
     letter: str                                       # its layers' letter in ModelConfig.pattern
     build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → that layer's mixer
     defaults: dict = field(default_factory=dict)      # the ModelConfig fields left None take these
 
-# The paper's values live here, and ModelConfig passes them explicitly: the Mamba classes keep the
-# reference modules' signatures (Mamba1's d_state=16 is mamba_ssm's).
 ARCHS = {
     "mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
                                               d_conv=cfg.d_conv, expand=cfg.expand),
@@ -411,16 +397,14 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
       W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
       conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
 
-    W_C is still its default init, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] =
-    N / (6 · fan_in) · I for the default U(±1/√fan_in) (fan_in = d_inner for Mamba 1, d_model for Mamba 2),
-    a scaled identity of rank N. Where A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state
-    dimension of every Mamba 1 channel, head 0 of transformers' Mamba 2 (A_log = log(1..H)), not mamba_ssm's
-    Mamba 2. Every layer is checked before any changes. A second call changes nothing: W_C is averaged again
-    only if it changed since (the layer keeps what it set in a non-persistent buffer, mimetic_W_C)."""
+    W_C is still its default init, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] = N / (6 · fan_in)
+    · I for the default U(±1/√fan_in) (fan_in = d_inner for Mamba 1, d_model for Mamba 2), a scaled identity of
+    rank N. Where A_log = log 1 = 0, A = −1 for any c: the first state dimension of every Mamba 1 channel, head 0
+    of transformers' Mamba 2 (A_log = log(1..H)), not mamba_ssm's. All layers are checked before any change. A
+    second call changes nothing: W_C is averaged again only if it changed since (kept in the buffer mimetic_W_C)."""
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
-    found = mamba_layers(module)
-    if not found:
+    if not (found := mamba_layers(module)):
         raise TypeError(f"no Mamba layer in {type(module).__name__}: mimetic_init_ looks for mimetic.py's Mamba1 "
                         f"and Mamba2, {', '.join('.'.join(key) for key in LAYOUTS)} and models made of them")
     chosen = sorted(found) if layers is None else list(layers)
@@ -463,27 +447,23 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mamba layers of any library, ours, transformers' and mamba_ssm's: where a layer keeps what mimetic_init_ sets
-# (its Layout), a model's Mamba layers and what their SSM reads. This is what lets mimetic.py, copied into a
-# project whose Mambas come from transformers or mamba_ssm, initialize them and draw their maps; our blocks'
-# forward never comes here.
+# Mamba layers of any library (ours, transformers', mamba_ssm's): where a layer keeps what mimetic_init_ sets, a
+# model's Mamba layers and what their SSM reads. With these, mimetic.py copied into a project whose Mambas come
+# from transformers or mamba_ssm initializes them and draws their maps; our blocks' forward never comes here.
 
 @dataclass
 class Layout:
-    """Where a Mamba layer keeps what mimetic init sets: W_B and W_C are rows of `proj` (a slice per group), W_Δ
-    is `dt_weight` (a matrix, or rows of in_proj) with bias `dt_bias` (and `dt_in_bias`, the dt rows of in_proj's
-    bias, if it has one), and Δ is clamped to `dt_limit`. Every layer has A_log and conv1d."""
+    """Where a Mamba layer keeps what mimetic_init_ sets (every layer also has A_log and conv1d)."""
     version: int  # 1: A is (D, N) and conv defaults off; 2: A is (H,) and conv defaults on (§3, Fig. 3)
-    proj: nn.Linear
+    proj: nn.Linear  # W_B and W_C are rows of it, a slice per group in B and C
     B: list
     C: list
-    dt_weight: torch.Tensor
-    dt_bias: torch.Tensor
-    dt_in_bias: torch.Tensor | None = None
-    dt_limit: tuple = (0.0, math.inf)
+    dt_weight: torch.Tensor  # W_Δ: a matrix, or rows of in_proj
+    dt_bias: torch.Tensor  # b_Δ
+    dt_in_bias: torch.Tensor | None = None  # the dt rows of in_proj's bias, if it has one
+    dt_limit: tuple = (0.0, math.inf)  # Δ is clamped to it
 
-def _mamba1_layout(layer, N, R):
-    """Mamba 1: x_proj rows are [dt (R), B (N), C (N)]; W_Δ = dt_proj.weight, b_Δ = dt_proj.bias."""
+def _mamba1_layout(layer, N, R):  # x_proj rows are [dt (R), B (N), C (N)]; W_Δ = dt_proj.weight, b_Δ its bias
     return Layout(1, layer.x_proj, [slice(R, R + N)], [slice(R + N, R + 2 * N)], layer.dt_proj.weight,
                   layer.dt_proj.bias)
 
@@ -510,8 +490,7 @@ LAYOUTS = {  # (library, class name) → layout of another library's Mamba layer
 _name = lambda layer: parametrize.type_before_parametrizations(layer).__name__  # the user's class, not Parametrized…
 
 def layout_of(layer):
-    """The Layout of a Mamba layer, else None: ours by isinstance, another library's by a class in its type's
-    MRO (a parametrization derives one) whose name and library are in LAYOUTS."""
+    """The Layout of a Mamba layer or None; another library's by its type's MRO, as a parametrization derives one."""
     if isinstance(layer, Mamba1):
         return _mamba1_layout(layer, layer.d_state, layer.dt_rank)
     if isinstance(layer, Mamba2):
@@ -522,9 +501,8 @@ def layout_of(layer):
     return None
 
 def sequence_mixers(module):
-    """{index: mixer}: a Mamba layer is {0: it}; a model's mixers are indexed as its list of blocks (ours:
-    model.layers; others: model.backbone.layers), attention included, so the paper's "layer 4 of 8" is 3;
-    without such a list, the Mamba layers in module order."""
+    """{index: mixer}: a Mamba layer is {0: it}; a model's mixers, attention included, are indexed as its blocks
+    (ours: model.layers, others: model.backbone.layers), so the paper's "layer 4 of 8" is 3; else its Mamba layers."""
     if layout_of(module):
         return {0: module}
     for blocks in module.modules():
@@ -537,9 +515,8 @@ def mamba_layers(module):
     return {i: m for i, m in sequence_mixers(module).items() if layout_of(m)}
 
 def mixer_inputs(model, input_ids):
-    """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) in
-    model(input_ids), caught by forward pre-hooks, as no library's numbering of hidden_states is assumed
-    (transformers 5's output_hidden_states[k] is block k's output, not its input)."""
+    """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) in model(input_ids),
+    caught by forward pre-hooks, not by a library's numbering of hidden_states (transformers 5's are block outputs)."""
     seen, mixers = {}, sequence_mixers(model)
     index = {id(m): i for i, m in mixers.items()}
 
@@ -554,11 +531,10 @@ def mixer_inputs(model, input_ids):
     return {i: seen[i] for i in mixers if i in seen}
 
 class MimeticA(nn.Module):
-    """A_log = −c · raw as a parametrization (torch.nn.utils.parametrize), for layers whose source we do not edit:
-    their own forward then computes A = −exp(−c · raw). The state dict holds raw (trained, _no_weight_decay kept)
-    as `...parametrizations.A_log.original` and c as `...A_log.0.c`: it loads into a model given the same
-    mimetic_init_, into others after bake_mimetic_A_ (from_pretrained would re-draw the missing A_log with a
-    mere warning). The layer's own weight init, run again, misses raw."""
+    """A_log = −c · raw, a parametrization for layers whose source we do not edit (their forward: A = −exp(−c · raw)).
+    The state dict holds raw (trained, _no_weight_decay kept) as `...parametrizations.A_log.original` and c as
+    `...A_log.0.c`: a model given the same mimetic_init_ loads it, others after bake_mimetic_A_ (from_pretrained
+    would re-draw the missing A_log, with a mere warning). The layer's own weight init, run again, misses raw."""
 
     def __init__(self, c):
         super().__init__()
@@ -569,9 +545,8 @@ class MimeticA(nn.Module):
 
 @torch.no_grad()
 def bake_mimetic_A_(module):
-    """Write every mimetic A of `module` into a plain A_log = −c · A_log (the same A), dropping mimetic_c or the
-    parametrization, so the state dict loads into an unmodified model (save_pretrained); training then goes on
-    in the default A = −exp(A_log)."""
+    """A plain A_log = −c · A_log (the same A) for each mimetic A of `module`, without mimetic_c or parametrization,
+    so that an unmodified model loads the state dict (save_pretrained); training goes on in A = −exp(A_log)."""
     for layer in mamba_layers(module).values():
         if isinstance(layer, SelectiveSSM) and layer.mimetic_c is not None:
             layer.A_log.copy_(-layer.mimetic_c * layer.A_log)
@@ -609,9 +584,8 @@ def ssm_A(layer):
     return A.reshape(len(A), -1)
 
 def ssm_params(layer, hidden_states):
-    """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer, all Eq. 8 needs, per channel (Mamba 2: per
-    head, A the same for all N, §2), Δ clamped as the layer clamps it. In fp32 (fp64 for an fp64 layer): the
-    layer's projections, in its own precision, are cast up."""
+    """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer for Eq. 8, per channel (Mamba 2: per head, one A
+    for all N, §2), Δ clamped as the layer clamps it; in fp32 (fp64 for an fp64 layer), the projections cast up."""
     where, A = layout_of(layer), ssm_A(layer)
     dt, B, C = (t.to(torch.promote_types(t.dtype, A.dtype)) for t in ssm_inputs(layer, hidden_states)[1:4])
     if where.version == 1:
@@ -636,8 +610,7 @@ def ssm_matrix(delta, A, B, C):
     """Eq. 8: M[b, d, i, j] = Σ_n C[b, n, i] · exp(Σ_{k=j+1..i} Δ[b, d, k] A[d, n]) · Δ[b, d, j] B[b, n, j].
     delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) → M: (b, D, L, L), with y_d = M_d x_d the scan. With one A
     for all N (Mamba 2), the mask leaves Σ_n: M = mask ⊙ C_iᵀ B_j Δ_j, multi-head linear attention."""
-    b, D, L = delta.shape
-    G, N = B.shape[1], B.shape[2]
+    (b, D, L), (G, N) = delta.shape, B.shape[1:3]
     if torch.equal(A, A[:, :1].expand_as(A)):  # one A for all N
         CB = (C.transpose(-1, -2) @ B).repeat_interleave(D // G, dim=1)  # (b, D, L, L)
         return segsum(delta * A[:, 0, None]).exp() * CB * delta[..., None, :]
@@ -648,10 +621,9 @@ def ssm_matrix(delta, A, B, C):
     return M
 
 def attention_matrix(layer, hidden_states):
-    """M of a mixing layer (any library's Mamba, Attention, LinearAttention) on the hidden_states it reads: (b, D,
-    L, L) per channel for Mamba 1, (b, H, L, L) per head for the others. For Mamba, M times the SSM input (after
-    conv and SiLU) is the SSM output before the D skip and the z gate. In fp32 (fp64 for an fp64 layer), also
-    under bf16 weights or autocast: the layer's projections are computed as it computes them, Eq. 8 in fp32."""
+    """M of a layer (any library's Mamba, Attention, LinearAttention) on the hidden_states it reads: (b, D, L, L) per
+    channel for Mamba 1, (b, H, L, L) per head for the others; for Mamba, M times the SSM input is the SSM output
+    before the D skip and z gate. In fp32 (fp64 for an fp64 layer), also for bf16 weights or under autocast."""
     if layout_of(layer):
         params = ssm_params(layer, hidden_states)
         with torch.autocast(hidden_states.device.type, enabled=False):
@@ -666,8 +638,7 @@ def attention_map(layer, hidden_states):
     return attention_matrix(layer, hidden_states).mean(1)
 
 def attention_mask(layer, hidden_states):
-    """The average attention mask (§2), (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}: (b, L, L), whose reach shows how
-    far back the layer can look."""
+    """The average attention mask (§2), (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}, (b, L, L): how far back it looks."""
     if not layout_of(layer):
         raise TypeError(f"only Mamba layers have a mask ∏Ā, got {_name(layer)}")
     delta, A, _, _ = ssm_params(layer, hidden_states)
@@ -713,12 +684,10 @@ def format_report(rows):
 
 # ----------------------------------------------------------------------------------------------------
 # Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1)
-#
 # Every task is teacher-forced next-token prediction: targets[:, t] labels the prediction made after reading
-# inputs[:, :t+1], and is -100 (cross_entropy's ignore_index) where there is nothing to predict. Tokens 0..V-1
-# are content (V = vocab_size); the task's special tokens follow, with ids V, V+1, ... Batches are built on the
-# CPU from the given torch.Generator only, never from the global RNG, so a seed fixes a batch. generator=None
-# is torch.Generator()'s fixed default seed, the same batch every call: pass your own when training.
+# inputs[:, :t+1], -100 (cross_entropy's ignore_index) where there is nothing to predict. Tokens 0..V-1 are
+# content (V = vocab_size), then come the task's special tokens V, V+1, ... Batches are built on the CPU from the
+# given torch.Generator only, so a seed fixes a batch; generator=None (its fixed default seed) repeats one batch.
 
 # task: (default number of content tokens V, names of the special tokens V, V+1, ...)
 TASK_VOCAB = {
@@ -747,20 +716,17 @@ def task_vocab_size(task, vocab_size=None):
     """Embedding size an LM needs for `task`: its content tokens plus its special tokens."""
     return _content_vocab(task, vocab_size) + len(TASK_VOCAB[task][1])
 
-def _sample_distinct(b, population, k, g):
-    """(b, k) distinct ints from range(population) per row, in random order (top-k of noise)."""
+def _sample_distinct(b, population, k, g):  # (b, k) distinct ints from range(population) per row, in random order
     return torch.rand(b, population, generator=g).topk(k, dim=1).indices
 
-def _shift(seq, first_label):
-    """Teacher forcing: predict seq[t+1] from seq[:t+1], with labels from prediction `first_label` on."""
+def _shift(seq, first_label):  # teacher forcing: seq[t+1] predicted from seq[:t+1], labels from first_label on
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()
     targets[:, :first_label] = -100
     return inputs, targets
 
 def _copy_like(task, b, n, V, g):
     """A string of n tokens, SEP (V), the string again, STOP (V+1): as it was (copy), reversed (stack) or sorted
-    (sort, whose string has no repeats). V=26, stack of [7, 0, 19]: inputs [7, 0, 19, 26, 19, 0, 7], targets
-    [-100, -100, -100, 19, 0, 7, 27]."""
+    (sort: no repeats). V=26, stack [7, 0, 19]: inputs [7, 0, 19, 26, 19, 0, 7], targets [-100] * 3 + [19, 0, 7, 27]"""
     if task == "sort":
         if n > V:
             raise ValueError(f"sort draws without replacement: length {n} > vocab_size {V}")
@@ -819,10 +785,9 @@ def _induction(b, L, V, g):
     return inputs, targets
 
 def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq_len=None):
-    """(inputs, targets): LongTensors (batch_size, T) on the CPU, targets -100 where there is no loss. length:
-    string length (copy, stack, sort), key-value pairs (mqar), region length (selective_copy: T = length + 16)
-    or sequence length (induction: T = length). seq_len: mqar's T, which zoology sets apart from the number of
-    pairs (its configs use 16 tokens a pair); None gives T = 6 · length."""
+    """(inputs, targets), LongTensors (batch_size, T). length: string length (copy, stack, sort), key-value pairs
+    (mqar), region length (selective_copy: T = length + 16) or sequence length (induction: T = length). seq_len:
+    mqar's T, which zoology sets apart from the number of pairs (16 tokens a pair in its configs); None: 6 · length."""
     V = _content_vocab(task, vocab_size)
     for name, value in (("batch_size", batch_size), ("length", length)):
         if value <= 0:
@@ -840,35 +805,32 @@ def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq
 METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
            "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
 
-def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,
-             device=None, seq_len=None):
+@torch.no_grad()
+def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None, device=None,
+             seq_len=None):
     """METRICS of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval
-    mode under no_grad: token_acc over labeled tokens, exact_match (every labeled token of a row right) and
-    string_acc (the pasted string right, STOP not scored). Teacher-forced exact match is greedy decoding's: with
-    every labeled token right, greedy decoding sees the same prefixes; at its first wrong token the prefix was
-    still right, so teacher forcing errs there too."""
+    mode under no_grad: token_acc over labeled tokens, exact_match (all labeled tokens of a row right) and
+    string_acc (the pasted string right, STOP not scored). Teacher-forced exact match is greedy decoding's: up to
+    the first wrong token both see the same prefixes, so both err there."""
     if n_batches <= 0:
         raise ValueError(f"n_batches must be positive, got {n_batches}")
     g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
+    device = next(model.parameters(), torch.empty(0)).device if device is None else device
     was_training = model.training
     model.eval()
     stop = _content_vocab(task, vocab_size) + 1 if task in COPY_TASKS else None
     correct = labeled = exact = strings = 0
     try:
-        with torch.no_grad():
-            for _ in range(n_batches):
-                inputs, targets = make_batch(task, batch_size, length, vocab_size=vocab_size, generator=g,
-                                             seq_len=seq_len)
-                targets = targets.to(device)
-                mask = targets != -100
-                right = (model(inputs.to(device)).argmax(-1) == targets) & mask
-                correct += right.sum().item()
-                labeled += mask.sum().item()
-                exact += (right.sum(1) == mask.sum(1)).sum().item()
-                string = mask & (targets != stop)
-                strings += ((right & string).sum(1) == string.sum(1)).sum().item()
+        for _ in range(n_batches):
+            inputs, targets = make_batch(task, batch_size, length, vocab_size=vocab_size, generator=g, seq_len=seq_len)
+            targets = targets.to(device)
+            mask = targets != -100
+            right = (model(inputs.to(device)).argmax(-1) == targets) & mask
+            correct += right.sum().item()
+            labeled += mask.sum().item()
+            exact += (right.sum(1) == mask.sum(1)).sum().item()
+            string = mask & (targets != stop)
+            strings += ((right & string).sum(1) == string.sum(1)).sum().item()
     finally:
         model.train(was_training)
     n = batch_size * n_batches
