@@ -1,4 +1,6 @@
-"""mimetic.py — Mamba 1/2, attention baselines, recall tasks and mimetic initialization in one file.
+"""mimetic.py — in one file, in reading order: the selective scan (the spec), norms, Mamba 1 and 2, attention
+baselines, the LM and its table of architectures, mimetic initialization, other libraries' Mamba layers, attention
+maps, the recall tasks and evaluate.
 
 Trockman, Harutyunyan, Kolter, Kumar, Bhojanapalli (2024), "Mimetic Initialization Helps State Space
 Models Learn to Recall", arXiv:2410.11135. The synthetic tasks follow that paper and Gu & Dao (2023) §4.1.
@@ -15,9 +17,6 @@ Glossary (code → paper):
   exp(Δ A)               Ā       discretized A (Eq. 7)
   attention_matrix       M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
   attention_map / _mask          channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
-
-Reading order: the selective scan (the spec), norms, Mamba 1 and 2, baselines, the LM and its table of
-architectures, mimetic init, other libraries' Mamba layers, attention maps, tasks, evaluate.
 """
 import importlib.util
 import math
@@ -59,13 +58,11 @@ use_kernels = kernels is not None  # set False to force the readable loop (tests
 SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimetic dt bias (§3.1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Selective scan (Eq. 2–3): the readable loop is the spec, kernels.py the fast path
+# ---- Selective scan (Eq. 2–3): the readable loop is the spec, kernels.py the fast path ---------------------
 
 def selective_scan_loop(u, delta, A, B, C):
-    """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), one step at a time. u, delta:
-    (b, D, L); A: (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G). unbind() slices time once, so
-    autograd does not copy (b, D, L) per step."""
+    """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), step by step. u, delta: (b, D, L); A:
+    (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G). unbind() spares autograd a (b, D, L) copy a step."""
     (b, D, _), (G, N) = u.shape, B.shape[1:3]
     h = u.new_zeros(b, G, D // G, N)
     A = A.view(G, D // G, N)
@@ -85,11 +82,10 @@ def selective_scan(u, dt, A, B, C, D, z, dt_bias):
     return y * F.silu(z)
 
 def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
-    """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P).
-    Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2)."""
+    """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P)."""
     if use_kernels:
         return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk_size)
-    (b, L, H, P), N = x.shape, B.shape[-1]
+    (b, L, H, P), N = x.shape, B.shape[-1]  # each head channel: a Mamba 1 channel whose A is the head's scalar (§2)
     u = x.permute(0, 2, 3, 1).reshape(b, H * P, L)  # (b, H·P, L)
     delta = F.softplus(dt + dt_bias).transpose(1, 2).repeat_interleave(P, dim=1)  # (b, H·P, L)
     A = A.repeat_interleave(P)[:, None].expand(H * P, N)  # (H·P, N)
@@ -97,12 +93,10 @@ def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
     return y.view(b, H, P, L).permute(0, 3, 1, 2) + D[:, None] * x  # (b, L, H, P)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Norms
+# ---- Norms -------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     """RMSNorm over groups of `group_size` features; with z, Mamba 2's gated form norm(x · SiLU(z))."""
-
     def __init__(self, d, eps=1e-5, group_size=None):
         super().__init__()
         self.eps, self.group_size = eps, group_size or d
@@ -115,11 +109,10 @@ class RMSNorm(nn.Module):
         return (groups.view_as(h) * self.weight).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Selective state space layers
+# ---- Selective state space layers --------------------------------------------------------------------------
 
 def causal_conv(layer, x):
-    """layer.conv1d cut to the first L steps, causal: x (b, L, C) → (b, L, C); kernels.causal_conv1d is it, faster."""
+    """layer.conv1d cut to the first L steps (causal): x (b, L, C) → (b, L, C); kernels.causal_conv1d: same, faster."""
     if use_kernels:
         return kernels.causal_conv1d(x, layer.conv1d.weight, layer.conv1d.bias)
     return layer.conv1d(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
@@ -128,8 +121,7 @@ def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
     if not 0 < dt_min <= dt_max:
         raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-    log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-    dt = log_dt.exp().clamp(min=dt_init_floor)
+    dt = (torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).exp().clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(Δ) = Δ + log(1 − e^{−Δ})
 
 def _check_input(hidden_states, d_model):
@@ -137,22 +129,18 @@ def _check_input(hidden_states, d_model):
         raise ValueError(f"hidden_states must be (batch, length, {d_model}), got {tuple(hidden_states.shape)}")
 
 class SelectiveSSM(nn.Module):
-    """What Mamba 1 and 2 share: A = −exp(A_log), or once mimetic_init_ sets the buffer mimetic_c, the mimetic
-    A = −exp(−c · A_log) (§3.1), kept through training and in the state dict (see bake_mimetic_A_)."""
-
+    """What Mamba 1 and 2 share: A, mimetic (§3.1) while mimetic_c is set (by mimetic_init_, till bake_mimetic_A_)."""
     def __init__(self):
         super().__init__()
         self.register_buffer("mimetic_c", None)
 
     @property
     def A(self):
-        A_log = self.A_log.float()
-        return -torch.exp(A_log if self.mimetic_c is None else -self.mimetic_c * A_log)
+        return -torch.exp(self.A_log.float() if self.mimetic_c is None else -self.mimetic_c * self.A_log.float())
 
 class Mamba1(SelectiveSSM):
     """The Mamba 1 block (Eq. 9), (b, L, d_model) → (b, L, d_model), with the reference module's parameter
     names, shapes and init: out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj: [dt, B, C]."""
-
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=1e-3, dt_max=0.1,
                  dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
         super().__init__()
@@ -182,9 +170,7 @@ class Mamba1(SelectiveSSM):
         return self.out_proj(y.transpose(1, 2))  # (b, L, d_model)
 
 class Mamba2(SelectiveSSM):
-    """The Mamba 2 block with the reference names: in_proj emits [z, x, B, C, dt]; one conv1d over
-    x, B and C; scalar A per head; out_proj(norm(y · SiLU(z))). Input and output: (b, L, d_model)."""
-
+    """The Mamba 2 block, (b, L, d_model) → (b, L, d_model), with the reference names; one conv1d over x, B and C."""
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, A_init_range=(1, 16),
                  dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, chunk_size=64, conv_bias=True, bias=False):
         super().__init__()
@@ -214,15 +200,13 @@ class Mamba2(SelectiveSSM):
         return self.out_proj(self.norm(y.reshape(*z.shape), z))  # norm(y · SiLU(z)) (b, L, D) → (b, L, d_model)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Baselines: softmax attention (the hybrid's layer, §3 Fig. 2) and linear attention (Fig. 5)
+# ---- Baselines: softmax attention (the hybrid's layer, §3 Fig. 2) and linear attention (Fig. 5) ------------
 
 def _split_heads(t, n_heads):
     return t.view(*t.shape[:2], n_heads, -1).transpose(1, 2)  # (b, L, h·d) → (b, h, L, d)
 
 class Attention(nn.Module):
     """Causal softmax self-attention, no positional embedding: in the paper's hybrid the Mamba layers give it."""
-
     def __init__(self, d_model, n_heads=1):
         super().__init__()
         if d_model % n_heads:
@@ -246,7 +230,6 @@ class Attention(nn.Module):
 class LinearAttention(nn.Module):
     """Simple causal linear attention, y_i = Σ_{j≤i} (q_i · k_j / √head_dim) v_j, with no feature map and no
     normalizer: Eq. 12 with its own projections (the Fig. 5 baseline). Values split d_model across heads."""
-
     def __init__(self, d_model, head_dim=32, n_heads=1):
         super().__init__()
         if d_model % n_heads:
@@ -266,31 +249,27 @@ class LinearAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).flatten(2))  # (b, h, L, d) → (b, L, d_model)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The language model: embedding → pre-norm residual blocks → final norm → tied head
+# ---- The language model: embedding → pre-norm residual blocks → final norm → tied head ---------------------
 
 @dataclass(frozen=True)
 class Arch:
-    """A kind of sequence mixer, registered by an entry in ARCHS (and its class). The paper's values live in ARCHS,
-    and ModelConfig passes them explicitly: the Mamba classes keep the reference signatures (Mamba1's d_state=16)."""
+    """A kind of sequence mixer: an entry in ARCHS (and its class). ARCHS holds the paper's values, which ModelConfig
+    passes explicitly, and the Mamba classes keep the reference signatures (Mamba1's d_state=16 is mamba_ssm's)."""
     letter: str                                       # its layers' letter in ModelConfig.pattern
     build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → that layer's mixer
     defaults: dict = field(default_factory=dict)      # the ModelConfig fields left None take these
 
-ARCHS = {
-    "mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
-                                              d_conv=cfg.d_conv, expand=cfg.expand),
-                   dict(d_state=32,  # §5 "For all Mamba 1 experiments, we use state size 32"
-                        expand=2, d_conv=4)),  # the reference Mamba's
-    "mamba2": Arch("M", lambda cfg, i: Mamba2(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
-                                              d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-                                              ngroups=cfg.ngroups, chunk_size=cfg.chunk_size),
-                   dict(d_state=128,  # §5 "state size 128 unless otherwise noted"
-                        headdim=64,  # §5 "head dimension 64"
-                        expand=2, d_conv=4)),  # the reference Mamba2's
-    "attention": Arch("A", lambda cfg, i: Attention(cfg.d_model, cfg.n_heads)),
-    "linear": Arch("L", lambda cfg, i: LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)),
-}
+ARCHS = {"mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                                   d_conv=cfg.d_conv, expand=cfg.expand),
+                        dict(d_state=32,  # §5 "For all Mamba 1 experiments, we use state size 32"
+                             expand=2, d_conv=4)),  # the reference Mamba's
+         "mamba2": Arch("M", lambda cfg, i: Mamba2(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                                   d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+                                                   ngroups=cfg.ngroups, chunk_size=cfg.chunk_size),
+                        dict(d_state=128, headdim=64,  # §5 "state size 128 unless otherwise noted", "head dimension 64"
+                             expand=2, d_conv=4)),  # the reference Mamba2's
+         "attention": Arch("A", lambda cfg, i: Attention(cfg.d_model, cfg.n_heads)),
+         "linear": Arch("L", lambda cfg, i: LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads))}
 
 @dataclass
 class ModelConfig:
@@ -328,12 +307,10 @@ class ModelConfig:
         self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
         for i, n in self.layer_d_state.items():
             if not (0 <= i < self.n_layers and self.pattern[i] == "M" and n > 0):
-                raise ValueError(f"layer_d_state {{{i}: {n}}}: needs a Mamba layer (M) of pattern "
-                                 f"{self.pattern} and a positive N")
+                raise ValueError(f"layer_d_state {{{i}: {n}}} needs a Mamba layer (M) of {self.pattern} and N > 0")
 
     def arch_of(self, letter):
-        """The architecture a pattern letter stands for: cfg.arch if it is its letter, else the one registered
-        architecture with that letter (M, shared by mamba1 and mamba2, needs arch to say which)."""
+        """The architecture a pattern letter stands for: arch if it is its letter, else the one registered with it."""
         if ARCHS[self.arch].letter == letter:
             return self.arch
         names = [name for name, arch in ARCHS.items() if arch.letter == letter]
@@ -352,7 +329,6 @@ class Block(nn.Module):
 
 class LM(nn.Module):
     """A token model, initialized as the reference Mamba LM is."""
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -383,25 +359,21 @@ class LM(nn.Module):
         return self.lm_head(self.norm_f(h))  # (b, L, vocab_size)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Mimetic initialization (§3), of our blocks and of the Mamba layers of transformers and mamba_ssm
+# ---- Mimetic initialization (§3), of our blocks and of the Mamba layers of transformers and mamba_ssm ------
 
 @torch.no_grad()
 def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=None):
-    """The paper's mimetic initialization (§3), in place, of the Mamba layers of `module`: our Mamba1, Mamba2 or
-    LM; transformers' MambaMixer, Mamba2Mixer or a model of them; mamba_ssm's Mamba, Mamba2 or MambaLMHeadModel.
-    `layers`: indices into the model's blocks (see mamba_layers); conv=None: on for Mamba 2, off for Mamba 1.
+    """The paper's mimetic initialization (§3), in place, of the Mamba layers of `module` (ours, transformers' or
+    mamba_ssm's: a layer or a model); `layers`: indices into its blocks (see mamba_layers); conv=None: Mamba 2 only.
 
       A ≈ 0, Ā ≈ 1   A = −exp(−c · A_log): ours keep c in mimetic_c; others get a parametrization (§3.1)
       Δ ≈ 1          W_Δ = 0 (dt_proj.weight; Mamba 2: the dt rows of in_proj and its bias), b_Δ = softplus⁻¹(1)
       W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
       conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
 
-    W_C is still its default init, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] = N / (6 · fan_in)
-    · I for the default U(±1/√fan_in) (fan_in = d_inner for Mamba 1, d_model for Mamba 2), a scaled identity of
-    rank N. Where A_log = log 1 = 0, A = −1 for any c: the first state dimension of every Mamba 1 channel, head 0
-    of transformers' Mamba 2 (A_log = log(1..H)), not mamba_ssm's. All layers are checked before any change. A
-    second call changes nothing: W_C is averaged again only if it changed since (kept in the buffer mimetic_W_C)."""
+    W_C is still its default init, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] = N / (6 · fan_in) · I
+    (fan_in: d_inner for Mamba 1, d_model for Mamba 2), a scaled identity of rank N. A_log = 0 makes A = −1 for any c
+    (Mamba 1's first state, head 0 of transformers' Mamba 2). All checks come first; a second call changes nothing."""
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
     if not (found := mamba_layers(module)):
@@ -446,10 +418,8 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
     return module
 
 
-# ----------------------------------------------------------------------------------------------------
-# Mamba layers of any library (ours, transformers', mamba_ssm's): where a layer keeps what mimetic_init_ sets, a
-# model's Mamba layers and what their SSM reads. With these, mimetic.py copied into a project whose Mambas come
-# from transformers or mamba_ssm initializes them and draws their maps; our blocks' forward never comes here.
+# ---- Mamba layers of any library (ours, transformers', mamba_ssm's); our blocks' forward never comes here ----
+# Layout, a model's Mamba layers, what their SSM reads: what lets mimetic.py initialize and map any library's Mambas.
 
 @dataclass
 class Layout:
@@ -479,14 +449,12 @@ def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
     return Layout(2, W, groups(first), groups(first + G * N), W.weight[-H:], layer.dt_bias,
                   None if W.bias is None else W.bias[-H:], tuple(dt_limit))
 
-LAYOUTS = {  # (library, class name) → layout of another library's Mamba layer
-    ("mamba_ssm", "Mamba"): lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),
-    ("mamba_ssm", "Mamba2"): lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads,
-                                                      getattr(m, "dt_limit", (0.0, math.inf))),
-    ("transformers", "MambaMixer"): lambda m: _mamba1_layout(m, m.ssm_state_size, m.time_step_rank),
-    ("transformers", "Mamba2Mixer"): lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads,
-                                                              m.time_step_limit),
-}
+LAYOUTS = {("mamba_ssm", "Mamba"): lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),  # (library, class) → Layout
+           ("mamba_ssm", "Mamba2"): lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads,
+                                                             getattr(m, "dt_limit", (0.0, math.inf))),
+           ("transformers", "MambaMixer"): lambda m: _mamba1_layout(m, m.ssm_state_size, m.time_step_rank),
+           ("transformers", "Mamba2Mixer"): lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads,
+                                                                     m.time_step_limit)}
 _name = lambda layer: parametrize.type_before_parametrizations(layer).__name__  # the user's class, not Parametrized…
 
 def layout_of(layer):
@@ -532,10 +500,8 @@ def mixer_inputs(model, input_ids):
 
 class MimeticA(nn.Module):
     """A_log = −c · raw, a parametrization for layers whose source we do not edit (their forward: A = −exp(−c · raw)).
-    The state dict holds raw (trained, _no_weight_decay kept) as `...parametrizations.A_log.original` and c as
-    `...A_log.0.c`: a model given the same mimetic_init_ loads it, others after bake_mimetic_A_ (from_pretrained
-    would re-draw the missing A_log, with a mere warning). The layer's own weight init, run again, misses raw."""
-
+    The state dict holds raw (trained, _no_weight_decay kept) and c: it loads into a model given the same mimetic_init_,
+    into others after bake_mimetic_A_ (from_pretrained would re-draw the missing A_log); a re-init misses raw."""
     def __init__(self, c):
         super().__init__()
         self.register_buffer("c", torch.tensor(float(c)))
@@ -594,13 +560,11 @@ def ssm_params(layer, hidden_states):
     return delta, A.expand(-1, B.shape[-1]), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā
+# ---- Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā ------------------------
 
 def segsum(log_a):
-    """(..., L) → (..., L, L): S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j, −inf above the diagonal, so
-    exp(S) is the causal mask ∏_{k=j+1..i} Ā_k. Summing masked terms (not differencing a cumsum) keeps it exact
-    for long L. mamba_ssm's name; kernels.py has its own copy, so that each file stands alone."""
+    """(..., L) → (..., L, L): S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j, −inf above, so exp(S) is the causal
+    mask ∏_{k=j+1..i} Ā_k; summing masked terms, not differencing a cumsum, keeps it exact. kernels.py has a copy."""
     L = log_a.shape[-1]
     ones = torch.ones(L, L, dtype=torch.bool, device=log_a.device)
     terms = log_a[..., :, None].expand(*log_a.shape, L).masked_fill(~ones.tril(-1), 0)  # [k, j] = log_a[k], k > j
@@ -647,8 +611,7 @@ def attention_mask(layer, hidden_states):
 
 @torch.no_grad()
 def mimetic_report(model, input_ids=None):
-    """How mimetic each Mamba layer of `model` is: a dict per layer (print them with format_report). In
-    brackets the values right after mimetic_init_; §6 finds some pretrained layers near them.
+    """How mimetic each Mamba layer of `model` is, a dict per layer [after mimetic_init_; §6 finds pretrained near]:
       mask         mean of the average mask ∏Ā over i ≥ j, on input_ids [≈ 1]; None without input_ids
       A_bar        mean one-step decay Ā = exp(Δ A) [≈ 1, but e^−1 where A_log = 0]
       delta(_std)  Δ's mean (spread) over channels and tokens; without input_ids Δ = softplus(b_Δ) [1 (0)]
@@ -682,22 +645,18 @@ def format_report(rows):
     return "\n".join(" ".join(s.rjust(12) for s in line) for line in table)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1)
+# ---- Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1) ---------------------
 # Every task is teacher-forced next-token prediction: targets[:, t] labels the prediction made after reading
-# inputs[:, :t+1], -100 (cross_entropy's ignore_index) where there is nothing to predict. Tokens 0..V-1 are
-# content (V = vocab_size), then come the task's special tokens V, V+1, ... Batches are built on the CPU from the
-# given torch.Generator only, so a seed fixes a batch; generator=None (its fixed default seed) repeats one batch.
+# inputs[:, :t+1], -100 (cross_entropy's ignore_index) where there is nothing to predict. TASK_VOCAB[task]: the
+# default V (vocab_size) of content tokens 0..V-1, and the names of the special tokens V, V+1, ... Batches are built
+# on the CPU from the given torch.Generator only, so a seed fixes a batch (generator=None: the same batch every call).
 
-# task: (default number of content tokens V, names of the special tokens V, V+1, ...)
-TASK_VOCAB = {
-    "copy": (26, ("SEP", "STOP")),
-    "stack": (26, ("SEP", "STOP")),
-    "mqar": (8192, ()),  # as in zoology: no separator, the key range tells keys from values
-    "sort": (512, ("SEP", "STOP")),
-    "selective_copy": (16, ("BLANK", "SEP")),
-    "induction": (16, ("TRIGGER",)),
-}
+TASK_VOCAB = {"copy": (26, ("SEP", "STOP")),
+              "stack": (26, ("SEP", "STOP")),
+              "mqar": (8192, ()),  # as in zoology: no separator, the key range tells keys from values
+              "sort": (512, ("SEP", "STOP")),
+              "selective_copy": (16, ("BLANK", "SEP")),
+              "induction": (16, ("TRIGGER",))}
 TASKS = tuple(TASK_VOCAB)
 COPY_TASKS = ("copy", "stack", "sort")  # a string, SEP, the string again (reordered), STOP
 SELECTIVE_COPY_TOKENS = 16  # tokens to memorize in selective copying (Mamba App. E.1)
@@ -808,10 +767,9 @@ METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoo
 @torch.no_grad()
 def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None, device=None,
              seq_len=None):
-    """METRICS of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval
-    mode under no_grad: token_acc over labeled tokens, exact_match (all labeled tokens of a row right) and
-    string_acc (the pasted string right, STOP not scored). Teacher-forced exact match is greedy decoding's: up to
-    the first wrong token both see the same prefixes, so both err there."""
+    """METRICS of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval mode:
+    token_acc over labeled tokens, exact_match (a row's labeled tokens all right), string_acc (the pasted string right,
+    STOP not scored). Teacher-forced exact match is greedy decoding's: both see the same prefixes until an error."""
     if n_batches <= 0:
         raise ValueError(f"n_batches must be positive, got {n_batches}")
     g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator
