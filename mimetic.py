@@ -121,7 +121,8 @@ def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
     if not 0 < dt_min <= dt_max:
         raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-    dt = (torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).exp().clamp(min=dt_init_floor)
+    log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = log_dt.exp().clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(Δ) = Δ + log(1 − e^{−Δ})
 
 def _check_input(hidden_states, d_model):
@@ -371,9 +372,10 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
       W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
       conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
 
-    W_C is still its default init, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] = N / (6 · fan_in) · I
-    (fan_in: d_inner for Mamba 1, d_model for Mamba 2), a scaled identity of rank N. A_log = 0 makes A = −1 for any c
-    (Mamba 1's first state, head 0 of transformers' Mamba 2). All checks come first; a second call changes nothing."""
+    W_C is still its default init U(±1/√fan_in) (fan_in: d_inner for Mamba 1, d_model for Mamba 2), so W_Cᵀ W_B =
+    ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] = N / (6 · fan_in) · I, a scaled identity of rank N. A_log = 0 makes
+    A = −1 for any c (Mamba 1's first state, head 0 of transformers' Mamba 2). All checks come first; a second call
+    changes nothing."""
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
     if not (found := mamba_layers(module)):
