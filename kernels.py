@@ -7,6 +7,8 @@ Two entry points, both differentiable in every tensor argument:
     ssd_scan(x, dt, A, B, C, D, *, dt_bias, dt_softplus, chunk_size, return_last_state, backend)
         Mamba2 scan (one scalar decay rate per head), computed in chunked matmul ("SSD") form.
 
+and causal_conv1d(x, weight, bias), the depthwise causal conv both Mambas run before their scan.
+
 Backends of selective_scan:
     "ref"    the specification: a plain loop over time, differentiated by autograd (slow).
     "torch"  PyTorch, one step at a time on a state updated in place, hand-written backward; runs anywhere.
@@ -632,3 +634,23 @@ def ssd_scan(x, dt, A, B, C, D=None, *, dt_bias=None, dt_softplus=False, chunk_s
             y = y + D.to(f)[:, None] * x.to(f)
         y = y.to(x.dtype)
     return (y, last) if return_last_state else y
+
+
+# ----------------------------------------------------------------------------- causal conv (Mamba1 and 2)
+
+
+def causal_conv1d(x, weight, bias):
+    """nn.Conv1d(C, C, K, groups=C, padding=K-1) cut to L steps, on x (b, L, C) as the projections lay it out.
+
+    out[:, t, c] = bias[c] + sum_k weight[c, 0, k] * x[:, t - (K-1) + k, c], with x = 0 before the start: K
+    multiply-adds that skip two transposes and conv's slow backward (several times faster on short sequences).
+    In x's dtype, as autocast runs nn.Conv1d: fp32 taps would turn a bf16 x into fp32 beside bf16 dt and z,
+    which the scans refuse.
+    """
+    K, L = weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, K - 1, 0))  # (b, K - 1 + L, C)
+    taps = weight[:, 0].T.to(x.dtype)  # (K, C): taps[K - 1] multiplies the current token
+    out = padded[:, :L] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), padded[:, :L], taps[0])
+    for k in range(1, K):
+        out = torch.addcmul(out, padded[:, k:k + L], taps[k])
+    return out

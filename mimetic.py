@@ -1,25 +1,22 @@
-"""mimetic.py — Mamba 1/2, attention baselines, recall tasks and mimetic initialization in one file.
+"""mimetic.py — in one file, in reading order: the selective scan (the spec), norms, Mamba 1 and 2, attention
+baselines, the LM and its table of architectures, mimetic initialization, other libraries' Mamba layers, attention
+maps, the recall tasks and evaluate.
 
 Trockman, Harutyunyan, Kolter, Kumar, Bhojanapalli (2024), "Mimetic Initialization Helps State Space
 Models Learn to Recall", arXiv:2410.11135. The synthetic tasks follow that paper and Gu & Dao (2023) §4.1.
 
 Glossary (code → paper):
-  d_inner                     D       SSM channels (expand · d_model); the layer input is X ∈ R^{D×T}
-  d_state                     N       state size per channel
-  L                           T       sequence length
-  A_log, layer.A              A       continuous diagonal state matrix, A = −exp(A_log) (§2); Mamba 2: one
-                                      scalar per head H
-  mimetic_c                   c       mimetic reparameterization A = −exp(−c · A_log) (§3.1)
-  dt, delta                   Δ       step size softplus(W_Δ X + b_Δ) (Eq. 4); b_Δ = dt_proj.bias (Mamba 1),
-                                      dt_bias (Mamba 2)
-  x_proj / in_proj rows       W_B, W_C  input and output projections of the state (Eq. 5–6)
-  B, C                        B_t, C_t  B̄ = Δ B (Eq. 5), C = W_C X (Eq. 6)
-  exp(Δ A)                    Ā       discretized A (Eq. 7)
-  attention_matrix            M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
-  attention_map / _mask               channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
-
-Reading order: the selective scan (the spec), norms, Mamba 1 and 2, baselines, the LM and its table of
-architectures, mimetic init, other libraries' Mamba layers, attention maps, tasks, evaluate.
+  d_inner                D       SSM channels (expand · d_model); the layer input is X ∈ R^{D×T}
+  d_state                N       state size per channel
+  L                      T       sequence length
+  A_log, layer.A         A       continuous diagonal state matrix, A = −exp(A_log) (§2); Mamba 2: a scalar per head H
+  mimetic_c              c       mimetic reparameterization A = −exp(−c · A_log) (§3.1)
+  dt, delta              Δ       step size softplus(W_Δ X + b_Δ) (Eq. 4), b_Δ = dt_proj.bias / dt_bias (Mamba 1 / 2)
+  x_proj / in_proj rows  W_B, W_C  input and output projections of the state (Eq. 5–6)
+  B, C                   B_t, C_t  B̄ = Δ B (Eq. 5), C = W_C X (Eq. 6)
+  exp(Δ A)               Ā       discretized A (Eq. 7)
+  attention_matrix       M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
+  attention_map / _mask          channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
 """
 import importlib.util
 import math
@@ -36,44 +33,37 @@ from torch.nn.utils import parametrize
 
 
 def _fast_path():
-    """kernels.py's fast scans: in a checkout (or pip install -e .) the kernels.py beside this file, run only if
-    it has our marker line (another `kernels`, such as the Hugging Face kernel hub's, never is) and loaded under
-    the private name mimetic_kernels; after pip install ., the module mimetic_kernels. Without them (mimetic.py
-    copied alone): None, this file's own loops do the work, and one warning says why."""
+    """kernels.py's fast scans, as the module mimetic_kernels: the kernels.py beside this file (a checkout, pip
+    install -e .) if it has our marker line, never another project's; else the installed one (pip install .)."""
     path = Path(__file__).with_name("kernels.py")
     try:
         if not path.is_file():
             import mimetic_kernels
             return mimetic_kernels
-        if "\nMIMETIC_KERNELS = True" in path.read_text(encoding="utf-8"):
-            spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
-            module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        why = f"{path} is not mimetic's kernels.py"
+        if "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
+            raise ImportError(f"{path} is not mimetic's kernels.py")
+        spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     except Exception as error:
         sys.modules.pop("mimetic_kernels", None)
-        missing = isinstance(error, ModuleNotFoundError) and error.name == "mimetic_kernels"
-        why = (f"no kernels.py beside {__file__}, and no module mimetic_kernels" if missing else
-               f"{path if path.is_file() else 'mimetic_kernels'} failed to import: {error!r}")
-    warnings.warn(f"mimetic runs its own PyTorch loops, about 8× slower than kernels.py's scans: {why}")
-    return None
-
+        where = path if path.is_file() else f"mimetic_kernels (no kernels.py beside {Path(__file__).name})"
+        warnings.warn(f"mimetic runs its own PyTorch loops, about 8× slower than kernels.py's scans, as {where} "
+                      f"failed to import: {error!r}")
+        return None
 
 kernels = _fast_path()
 use_kernels = kernels is not None  # set False to force the readable loop (tests compare the two)
 SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimetic dt bias (§3.1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Selective scan (Eq. 2–3): the readable loop is the spec, kernels.py the fast path
+# ---- Selective scan (Eq. 2–3): the readable loop is the spec, kernels.py the fast path ---------------------
 
 def selective_scan_loop(u, delta, A, B, C):
-    """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), one step at a time.
-    u, delta: (b, D, L); A: (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G).
-    Returns y: (b, D, L). unbind() slices time once, so autograd does not copy (b, D, L) per step."""
-    b, D, L = u.shape
-    G, N = B.shape[1], B.shape[2]
+    """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), step by step. u, delta: (b, D, L); A:
+    (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G). unbind() spares autograd a (b, D, L) copy a step."""
+    (b, D, _), (G, N) = u.shape, B.shape[1:3]
     h = u.new_zeros(b, G, D // G, N)
     A = A.view(G, D // G, N)
     ys = []
@@ -83,7 +73,6 @@ def selective_scan_loop(u, delta, A, B, C):
         ys.append((h * C_t[:, :, None]).sum(-1).view(b, D))
     return torch.stack(ys, dim=-1)  # (b, D, L)
 
-
 def selective_scan(u, dt, A, B, C, D, z, dt_bias):
     """The Mamba 1 scan with softplus(dt + bias), the D skip and the SiLU(z) gate. B, C: (b, N, L)."""
     if use_kernels:
@@ -92,14 +81,11 @@ def selective_scan(u, dt, A, B, C, D, z, dt_bias):
     y = selective_scan_loop(u, delta, A, B[:, None], C[:, None]) + D[:, None] * u
     return y * F.silu(z)
 
-
 def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
-    """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P).
-    Without kernels.py: every head channel is a Mamba 1 channel whose A is the head's scalar (§2)."""
+    """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P)."""
     if use_kernels:
         return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk_size)
-    b, L, H, P = x.shape
-    N = B.shape[-1]
+    (b, L, H, P), N = x.shape, B.shape[-1]  # each head channel: a Mamba 1 channel whose A is the head's scalar (§2)
     u = x.permute(0, 2, 3, 1).reshape(b, H * P, L)  # (b, H·P, L)
     delta = F.softplus(dt + dt_bias).transpose(1, 2).repeat_interleave(P, dim=1)  # (b, H·P, L)
     A = A.repeat_interleave(P)[:, None].expand(H * P, N)  # (H·P, N)
@@ -107,44 +93,29 @@ def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
     return y.view(b, H, P, L).permute(0, 3, 1, 2) + D[:, None] * x  # (b, L, H, P)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Norms
+# ---- Norms -------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     """RMSNorm over groups of `group_size` features; with z, Mamba 2's gated form norm(x · SiLU(z))."""
-
     def __init__(self, d, eps=1e-5, group_size=None):
         super().__init__()
         self.eps, self.group_size = eps, group_size or d
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x, z=None):
-        dtype = x.dtype
-        x = x.float()
-        if z is not None:
-            x = x * F.silu(z.float())
-        groups = x.view(*x.shape[:-1], -1, self.group_size)  # (..., d / group_size, group_size)
+        h = x.float() if z is None else x.float() * F.silu(z.float())
+        groups = h.view(*h.shape[:-1], -1, self.group_size)  # (..., d / group_size, group_size)
         groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (groups.view_as(x) * self.weight).to(dtype)
+        return (groups.view_as(h) * self.weight).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Selective state space layers
+# ---- Selective state space layers --------------------------------------------------------------------------
 
-def causal_conv1d(x, weight, bias):
-    """Depthwise causal conv over time, in the (b, L, C) layout the projections produce:
-    out[:, t, c] = bias[c] + Σ_k weight[c, 0, k] · x[:, t − (K−1) + k, c], with x = 0 before the start: the
-    numbers of nn.Conv1d(groups=C, padding=K−1) cut to L steps, as K multiply-adds that skip two transposes
-    and conv's slow backward (several times faster on short sequences). In x's dtype, as autocast runs
-    nn.Conv1d: fp32 taps would turn a bf16 x into fp32 beside bf16 dt and z, which the scans refuse."""
-    K, L = weight.shape[-1], x.shape[1]
-    padded = F.pad(x, (0, 0, K - 1, 0))  # (b, K − 1 + L, C)
-    taps = weight[:, 0].T.to(x.dtype)  # (K, C): taps[K − 1] multiplies the current token
-    out = padded[:, :L] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), padded[:, :L], taps[0])
-    for k in range(1, K):
-        out = torch.addcmul(out, padded[:, k:k + L], taps[k])
-    return out
-
+def causal_conv(layer, x):
+    """layer.conv1d cut to the first L steps (causal): x (b, L, C) → (b, L, C); kernels.causal_conv1d: same, faster."""
+    if use_kernels:
+        return kernels.causal_conv1d(x, layer.conv1d.weight, layer.conv1d.bias)
+    return layer.conv1d(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
 
 def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
@@ -154,30 +125,23 @@ def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     dt = log_dt.exp().clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(Δ) = Δ + log(1 − e^{−Δ})
 
-
 def _check_input(hidden_states, d_model):
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"hidden_states must be (batch, length, {d_model}), got {tuple(hidden_states.shape)}")
 
-
 class SelectiveSSM(nn.Module):
-    """What Mamba 1 and 2 share: A = −exp(A_log), or once mimetic_init_ sets the buffer mimetic_c, the mimetic
-    A = −exp(−c · A_log) (§3.1), kept through training and in the state dict (see bake_mimetic_A_)."""
-
+    """What Mamba 1 and 2 share: A, mimetic (§3.1) while mimetic_c is set (by mimetic_init_, till bake_mimetic_A_)."""
     def __init__(self):
         super().__init__()
         self.register_buffer("mimetic_c", None)
 
     @property
     def A(self):
-        A_log = self.A_log.float()
-        return -torch.exp(A_log if self.mimetic_c is None else -self.mimetic_c * A_log)
-
+        return -torch.exp(self.A_log.float() if self.mimetic_c is None else -self.mimetic_c * self.A_log.float())
 
 class Mamba1(SelectiveSSM):
     """The Mamba 1 block (Eq. 9), (b, L, d_model) → (b, L, d_model), with the reference module's parameter
     names, shapes and init: out_proj( SSM[ SiLU(conv1d(x)) ] ⊙ SiLU(z) ), [x, z] = in_proj(u); x_proj: [dt, B, C]."""
-
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=1e-3, dt_max=0.1,
                  dt_init_floor=1e-4, dt_scale=1.0, conv_bias=True, bias=False):
         super().__init__()
@@ -189,8 +153,7 @@ class Mamba1(SelectiveSSM):
         self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, D, bias=True)
         nn.init.uniform_(self.dt_proj.weight, -dt_scale * R**-0.5, dt_scale * R**-0.5)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt_bias_init(D, dt_min, dt_max, dt_init_floor))
+        self.dt_proj.bias = nn.Parameter(dt_bias_init(D, dt_min, dt_max, dt_init_floor))
         self.dt_proj.bias._no_reinit = True  # the LM's init zeroes Linear biases, but not this one
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
         self.D = nn.Parameter(torch.ones(D))
@@ -200,27 +163,23 @@ class Mamba1(SelectiveSSM):
     def forward(self, hidden_states):
         _check_input(hidden_states, self.d_model)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))
+        x = F.silu(causal_conv(self, x))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.T  # (b, L, D): W_Δ X; the scan adds b_Δ
         x, dt, B, C, z = (t.transpose(1, 2) for t in (x, dt, B, C, z))  # time last: (b, D or N, L)
         y = selective_scan(x, dt, self.A, B, C, self.D.float(), z, self.dt_proj.bias.float())
         return self.out_proj(y.transpose(1, 2))  # (b, L, d_model)
 
-
 class Mamba2(SelectiveSSM):
-    """The Mamba 2 block with the reference names: in_proj emits [z, x, B, C, dt]; one conv1d over
-    x, B and C; scalar A per head; out_proj(norm(y · SiLU(z))). Input and output: (b, L, d_model)."""
-
+    """The Mamba 2 block, (b, L, d_model) → (b, L, d_model), with the reference names; one conv1d over x, B and C."""
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, A_init_range=(1, 16),
                  dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, chunk_size=64, conv_bias=True, bias=False):
         super().__init__()
         self.d_model, self.d_state, self.d_inner = d_model, d_state, expand * d_model
-        if self.d_inner % headdim:
-            raise ValueError(f"d_inner = expand·d_model = {self.d_inner} is not divisible by headdim={headdim}")
         self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, self.d_inner // headdim, ngroups, chunk_size
-        if self.nheads % ngroups:
-            raise ValueError(f"nheads={self.nheads} is not divisible by ngroups={ngroups}")
+        if self.d_inner % headdim or self.nheads % ngroups:
+            raise ValueError(f"headdim={headdim} must divide d_inner = expand·d_model = {self.d_inner}, and "
+                             f"ngroups={ngroups} must divide nheads={self.nheads}")
         D, N, G, H = self.d_inner, d_state, ngroups, self.nheads
         self.in_proj = nn.Linear(d_model, 2 * D + 2 * G * N + H, bias=bias)
         self.conv1d = nn.Conv1d(D + 2 * G * N, D + 2 * G * N, d_conv, groups=D + 2 * G * N,
@@ -236,24 +195,19 @@ class Mamba2(SelectiveSSM):
         _check_input(hidden_states, self.d_model)
         D, G, N, H = self.d_inner, self.ngroups, self.d_state, self.nheads
         z, xBC, dt = self.in_proj(hidden_states).split([D, D + 2 * G * N, H], dim=-1)  # dt: (b, L, H)
-        x, B, C = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)).split([D, G * N, G * N], dim=-1)
+        x, B, C = F.silu(causal_conv(self, xBC)).split([D, G * N, G * N], dim=-1)
         x, B, C = x.unflatten(-1, (H, self.headdim)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
         y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
-        y = self.norm(y.reshape(*z.shape), z)  # (b, L, D)
-        return self.out_proj(y)
+        return self.out_proj(self.norm(y.reshape(*z.shape), z))  # norm(y · SiLU(z)) (b, L, D) → (b, L, d_model)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Baselines: softmax attention (the hybrid's layer, §3 Fig. 2) and linear attention (Fig. 5)
+# ---- Baselines: softmax attention (the hybrid's layer, §3 Fig. 2) and linear attention (Fig. 5) ------------
 
 def _split_heads(t, n_heads):
     return t.view(*t.shape[:2], n_heads, -1).transpose(1, 2)  # (b, L, h·d) → (b, h, L, d)
 
-
 class Attention(nn.Module):
-    """Causal softmax self-attention without positional embedding: in the paper's hybrid, position
-    comes from the neighbouring Mamba layers."""
-
+    """Causal softmax self-attention, no positional embedding: in the paper's hybrid the Mamba layers give it."""
     def __init__(self, d_model, n_heads=1):
         super().__init__()
         if d_model % n_heads:
@@ -271,16 +225,12 @@ class Attention(nn.Module):
     def attention_matrix(self, hidden_states):
         _check_input(hidden_states, self.d_model)
         q, k, _ = (_split_heads(t, self.n_heads) for t in self.qkv(hidden_states).chunk(3, dim=-1))
-        L = q.shape[2]
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, h, L, L)
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-
+        return scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
 
 class LinearAttention(nn.Module):
     """Simple causal linear attention, y_i = Σ_{j≤i} (q_i · k_j / √head_dim) v_j, with no feature map and no
     normalizer: Eq. 12 with its own projections (the Fig. 5 baseline). Values split d_model across heads."""
-
     def __init__(self, d_model, head_dim=32, n_heads=1):
         super().__init__()
         if d_model % n_heads:
@@ -300,34 +250,27 @@ class LinearAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).flatten(2))  # (b, h, L, d) → (b, L, d_model)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The language model: embedding → pre-norm residual blocks → final norm → tied head
+# ---- The language model: embedding → pre-norm residual blocks → final norm → tied head ---------------------
 
 @dataclass(frozen=True)
 class Arch:
-    """A kind of sequence mixer. Registering one is an entry in ARCHS (and its class)."""
+    """A kind of sequence mixer: an entry in ARCHS (and its class). ARCHS holds the paper's values, which ModelConfig
+    passes explicitly, and the Mamba classes keep the reference signatures (Mamba1's d_state=16 is mamba_ssm's)."""
     letter: str                                       # its layers' letter in ModelConfig.pattern
     build: Callable[["ModelConfig", int], nn.Module]  # (cfg, layer index) → that layer's mixer
     defaults: dict = field(default_factory=dict)      # the ModelConfig fields left None take these
 
-
-# The paper's values live here, and ModelConfig passes them explicitly: the Mamba classes keep the
-# reference modules' signatures (Mamba1's d_state=16 is mamba_ssm's).
-ARCHS = {
-    "mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
-                                              d_conv=cfg.d_conv, expand=cfg.expand),
-                   dict(d_state=32,  # §5 "For all Mamba 1 experiments, we use state size 32"
-                        expand=2, d_conv=4)),  # the reference Mamba's
-    "mamba2": Arch("M", lambda cfg, i: Mamba2(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
-                                              d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-                                              ngroups=cfg.ngroups, chunk_size=cfg.chunk_size),
-                   dict(d_state=128,  # §5 "state size 128 unless otherwise noted"
-                        headdim=64,  # §5 "head dimension 64"
-                        expand=2, d_conv=4)),  # the reference Mamba2's
-    "attention": Arch("A", lambda cfg, i: Attention(cfg.d_model, cfg.n_heads)),
-    "linear": Arch("L", lambda cfg, i: LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads)),
-}
-
+ARCHS = {"mamba1": Arch("M", lambda cfg, i: Mamba1(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                                   d_conv=cfg.d_conv, expand=cfg.expand),
+                        dict(d_state=32,  # §5 "For all Mamba 1 experiments, we use state size 32"
+                             expand=2, d_conv=4)),  # the reference Mamba's
+         "mamba2": Arch("M", lambda cfg, i: Mamba2(cfg.d_model, d_state=cfg.layer_d_state.get(i, cfg.d_state),
+                                                   d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+                                                   ngroups=cfg.ngroups, chunk_size=cfg.chunk_size),
+                        dict(d_state=128, headdim=64,  # §5 "state size 128 unless otherwise noted", "head dimension 64"
+                             expand=2, d_conv=4)),  # the reference Mamba2's
+         "attention": Arch("A", lambda cfg, i: Attention(cfg.d_model, cfg.n_heads)),
+         "linear": Arch("L", lambda cfg, i: LinearAttention(cfg.d_model, cfg.linear_head_dim, cfg.n_heads))}
 
 @dataclass
 class ModelConfig:
@@ -365,12 +308,10 @@ class ModelConfig:
         self.layer_d_state = {int(i): int(n) for i, n in (self.layer_d_state or {}).items()}  # JSON keys are str
         for i, n in self.layer_d_state.items():
             if not (0 <= i < self.n_layers and self.pattern[i] == "M" and n > 0):
-                raise ValueError(f"layer_d_state {{{i}: {n}}}: needs a Mamba layer (M) of pattern "
-                                 f"{self.pattern} and a positive N")
+                raise ValueError(f"layer_d_state {{{i}: {n}}} needs a Mamba layer (M) of {self.pattern} and N > 0")
 
     def arch_of(self, letter):
-        """The architecture a pattern letter stands for: cfg.arch if it is its letter, else the one registered
-        architecture with that letter (M, shared by mamba1 and mamba2, needs arch to say which)."""
+        """The architecture a pattern letter stands for: arch if it is its letter, else the one registered with it."""
         if ARCHS[self.arch].letter == letter:
             return self.arch
         names = [name for name, arch in ARCHS.items() if arch.letter == letter]
@@ -378,7 +319,6 @@ class ModelConfig:
             raise ValueError(f"pattern {self.pattern!r} has {letter}, which stands for one of {', '.join(names)}: "
                              f"set arch to one of them (it is {self.arch!r})")
         return names[0]
-
 
 class Block(nn.Module):
     def __init__(self, mixer, d_model):
@@ -388,10 +328,8 @@ class Block(nn.Module):
     def forward(self, h):
         return h + self.mixer(self.norm(h))
 
-
 class LM(nn.Module):
     """A token model, initialized as the reference Mamba LM is."""
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -413,10 +351,6 @@ class LM(nn.Module):
                 with torch.no_grad():
                     p /= math.sqrt(config.n_layers)
 
-    def mixer_inputs(self, input_ids):
-        """The normalized hidden states each layer's mixer reads: a list of (b, L, d_model)."""
-        return list(mixer_inputs(self, input_ids).values())
-
     def forward(self, input_ids):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
@@ -426,30 +360,25 @@ class LM(nn.Module):
         return self.lm_head(self.norm_f(h))  # (b, L, vocab_size)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Mimetic initialization (§3), of our blocks and of the Mamba layers of transformers and mamba_ssm
+# ---- Mimetic initialization (§3), of our blocks and of the Mamba layers of transformers and mamba_ssm ------
 
 @torch.no_grad()
 def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=None):
-    """The paper's mimetic initialization (§3), in place, of the Mamba layers of `module`: our Mamba1, Mamba2 or
-    LM; transformers' MambaMixer, Mamba2Mixer or a model of them; mamba_ssm's Mamba, Mamba2 or MambaLMHeadModel.
-    `layers`: indices into the model's blocks (see mamba_layers); conv=None: on for Mamba 2, off for Mamba 1.
+    """The paper's mimetic initialization (§3), in place, of the Mamba layers of `module` (ours, transformers' or
+    mamba_ssm's: a layer or a model); `layers`: indices into its blocks (see mamba_layers); conv=None: Mamba 2 only.
 
       A ≈ 0, Ā ≈ 1   A = −exp(−c · A_log): ours keep c in mimetic_c; others get a parametrization (§3.1)
       Δ ≈ 1          W_Δ = 0 (dt_proj.weight; Mamba 2: the dt rows of in_proj and its bias), b_Δ = softplus⁻¹(1)
       W_Cᵀ W_B ≈ I   W_C ← ½ (W_C + W_B) per group: rows of x_proj (Mamba 1), of in_proj and its bias (§3.2)
       conv ≈ I       conv1d: 1 on the current-token (last) tap, 0 elsewhere, bias 0 (§3, Fig. 3)
 
-    W_C is still its default init, so W_Cᵀ W_B = ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] =
-    N / (6 · fan_in) · I for the default U(±1/√fan_in) (fan_in = d_inner for Mamba 1, d_model for Mamba 2),
-    a scaled identity of rank N. Where A_log = log 1 = 0, A = −exp(−c · 0) = −1 for any c: the first state
-    dimension of every Mamba 1 channel, head 0 of transformers' Mamba 2 (A_log = log(1..H)), not mamba_ssm's
-    Mamba 2. Every layer is checked before any changes. A second call changes nothing: W_C is averaged again
-    only if it changed since (the layer keeps what it set in a non-persistent buffer, mimetic_W_C)."""
+    W_C is still its default init U(±1/√fan_in) (fan_in: d_inner for Mamba 1, d_model for Mamba 2), so W_Cᵀ W_B =
+    ½ W_Cᵀ W_B + ½ W_Bᵀ W_B has mean ½ E[W_Bᵀ W_B] = N / (6 · fan_in) · I, a scaled identity of rank N. A_log = 0 makes
+    A = −1 for any c (Mamba 1's first state, head 0 of transformers' Mamba 2). All checks come first; a second call
+    changes nothing."""
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
-    found = mamba_layers(module)
-    if not found:
+    if not (found := mamba_layers(module)):
         raise TypeError(f"no Mamba layer in {type(module).__name__}: mimetic_init_ looks for mimetic.py's Mamba1 "
                         f"and Mamba2, {', '.join('.'.join(key) for key in LAYOUTS)} and models made of them")
     chosen = sorted(found) if layers is None else list(layers)
@@ -491,32 +420,24 @@ def mimetic_init_(module, *, c=8.0, A=True, dt=True, bc=True, conv=None, layers=
     return module
 
 
-# ----------------------------------------------------------------------------------------------------
-# Mamba layers of any library, ours, transformers' and mamba_ssm's: where a layer keeps what mimetic_init_ sets
-# (its Layout), a model's Mamba layers and what their SSM reads. This is what lets mimetic.py, copied into a
-# project whose Mambas come from transformers or mamba_ssm, initialize them and draw their maps; our blocks'
-# forward never comes here.
+# ---- Mamba layers of any library (ours, transformers', mamba_ssm's); our blocks' forward never comes here ----
+# Layout, a model's Mamba layers, what their SSM reads: what lets mimetic.py initialize and map any library's Mambas.
 
 @dataclass
 class Layout:
-    """Where a Mamba layer keeps what mimetic init sets: W_B and W_C are rows of `proj` (a slice per group), W_Δ
-    is `dt_weight` (a matrix, or rows of in_proj) with bias `dt_bias` (and `dt_in_bias`, the dt rows of in_proj's
-    bias, if it has one), and Δ is clamped to `dt_limit`. Every layer has A_log and conv1d."""
+    """Where a Mamba layer keeps what mimetic_init_ sets (every layer also has A_log and conv1d)."""
     version: int  # 1: A is (D, N) and conv defaults off; 2: A is (H,) and conv defaults on (§3, Fig. 3)
-    proj: nn.Linear
+    proj: nn.Linear  # W_B and W_C are rows of it, a slice per group in B and C
     B: list
     C: list
-    dt_weight: torch.Tensor
-    dt_bias: torch.Tensor
-    dt_in_bias: torch.Tensor | None = None
-    dt_limit: tuple = (0.0, math.inf)
+    dt_weight: torch.Tensor  # W_Δ: a matrix, or rows of in_proj
+    dt_bias: torch.Tensor  # b_Δ
+    dt_in_bias: torch.Tensor | None = None  # the dt rows of in_proj's bias, if it has one
+    dt_limit: tuple = (0.0, math.inf)  # Δ is clamped to it
 
-
-def _mamba1_layout(layer, N, R):
-    """Mamba 1: x_proj rows are [dt (R), B (N), C (N)]; W_Δ = dt_proj.weight, b_Δ = dt_proj.bias."""
+def _mamba1_layout(layer, N, R):  # x_proj rows are [dt (R), B (N), C (N)]; W_Δ = dt_proj.weight, b_Δ its bias
     return Layout(1, layer.x_proj, [slice(R, R + N)], [slice(R + N, R + 2 * N)], layer.dt_proj.weight,
                   layer.dt_proj.bias)
-
 
 def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
     """Mamba 2: in_proj rows are [z0, x0 (mamba_ssm's MLP, when d_ssm < d_inner), z, x, B (G·N), C (G·N), dt (H)];
@@ -530,21 +451,16 @@ def _mamba2_layout(layer, N, G, H, dt_limit=(0.0, math.inf)):
     return Layout(2, W, groups(first), groups(first + G * N), W.weight[-H:], layer.dt_bias,
                   None if W.bias is None else W.bias[-H:], tuple(dt_limit))
 
-
-LAYOUTS = {  # (library, class name) → layout of another library's Mamba layer
-    ("mamba_ssm", "Mamba"): lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),
-    ("mamba_ssm", "Mamba2"): lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads,
-                                                      getattr(m, "dt_limit", (0.0, math.inf))),
-    ("transformers", "MambaMixer"): lambda m: _mamba1_layout(m, m.ssm_state_size, m.time_step_rank),
-    ("transformers", "Mamba2Mixer"): lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads,
-                                                              m.time_step_limit),
-}
+LAYOUTS = {("mamba_ssm", "Mamba"): lambda m: _mamba1_layout(m, m.d_state, m.dt_rank),  # (library, class) → Layout
+           ("mamba_ssm", "Mamba2"): lambda m: _mamba2_layout(m, m.d_state, m.ngroups, m.nheads,
+                                                             getattr(m, "dt_limit", (0.0, math.inf))),
+           ("transformers", "MambaMixer"): lambda m: _mamba1_layout(m, m.ssm_state_size, m.time_step_rank),
+           ("transformers", "Mamba2Mixer"): lambda m: _mamba2_layout(m, m.ssm_state_size, m.n_groups, m.num_heads,
+                                                                     m.time_step_limit)}
 _name = lambda layer: parametrize.type_before_parametrizations(layer).__name__  # the user's class, not Parametrized…
 
-
 def layout_of(layer):
-    """The Layout of a Mamba layer, else None: ours by isinstance, another library's by a class in its type's
-    MRO (a parametrization derives one) whose name and library are in LAYOUTS."""
+    """The Layout of a Mamba layer or None; another library's by its type's MRO, as a parametrization derives one."""
     if isinstance(layer, Mamba1):
         return _mamba1_layout(layer, layer.d_state, layer.dt_rank)
     if isinstance(layer, Mamba2):
@@ -554,11 +470,9 @@ def layout_of(layer):
             return LAYOUTS[key](layer)
     return None
 
-
 def sequence_mixers(module):
-    """{index: mixer}: a Mamba layer is {0: it}; a model's mixers are indexed as its list of blocks (ours:
-    model.layers; others: model.backbone.layers), attention included, so the paper's "layer 4 of 8" is 3;
-    without such a list, the Mamba layers in module order."""
+    """{index: mixer}: a Mamba layer is {0: it}; a model's mixers, attention included, are indexed as its blocks
+    (ours: model.layers, others: model.backbone.layers), so the paper's "layer 4 of 8" is 3; else its Mamba layers."""
     if layout_of(module):
         return {0: module}
     for blocks in module.modules():
@@ -566,16 +480,13 @@ def sequence_mixers(module):
             return {i: b.mixer for i, b in enumerate(blocks) if hasattr(b, "mixer")}
     return dict(enumerate(m for m in module.modules() if layout_of(m)))
 
-
 def mamba_layers(module):
     """{index: Mamba layer} of a module, indexed as sequence_mixers."""
     return {i: m for i, m in sequence_mixers(module).items() if layout_of(m)}
 
-
 def mixer_inputs(model, input_ids):
-    """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) in
-    model(input_ids), caught by forward pre-hooks, as no library's numbering of hidden_states is assumed
-    (transformers 5's output_hidden_states[k] is block k's output, not its input)."""
+    """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm) in model(input_ids),
+    caught by forward pre-hooks, not by a library's numbering of hidden_states (transformers 5's are block outputs)."""
     seen, mixers = {}, sequence_mixers(model)
     index = {id(m): i for i, m in mixers.items()}
 
@@ -589,14 +500,10 @@ def mixer_inputs(model, input_ids):
             hook.remove()
     return {i: seen[i] for i in mixers if i in seen}
 
-
 class MimeticA(nn.Module):
-    """A_log = −c · raw as a parametrization (torch.nn.utils.parametrize), for layers whose source we do not edit:
-    their own forward then computes A = −exp(−c · raw). The state dict holds raw (trained, _no_weight_decay kept)
-    as `...parametrizations.A_log.original` and c as `...A_log.0.c`: it loads into a model given the same
-    mimetic_init_, into others after bake_mimetic_A_ (from_pretrained would re-draw the missing A_log with a
-    mere warning). The layer's own weight init, run again, misses raw."""
-
+    """A_log = −c · raw, a parametrization for layers whose source we do not edit (their forward: A = −exp(−c · raw)).
+    The state dict holds raw (trained, _no_weight_decay kept) and c: it loads into a model given the same mimetic_init_,
+    into others after bake_mimetic_A_ (from_pretrained would re-draw the missing A_log); a re-init misses raw."""
     def __init__(self, c):
         super().__init__()
         self.register_buffer("c", torch.tensor(float(c)))
@@ -604,12 +511,10 @@ class MimeticA(nn.Module):
     def forward(self, raw):
         return -self.c * raw
 
-
 @torch.no_grad()
 def bake_mimetic_A_(module):
-    """Write every mimetic A of `module` into a plain A_log = −c · A_log (the same A), dropping mimetic_c or the
-    parametrization, so the state dict loads into an unmodified model (save_pretrained); training then goes on
-    in the default A = −exp(A_log)."""
+    """A plain A_log = −c · A_log (the same A) for each mimetic A of `module`, without mimetic_c or parametrization,
+    so that an unmodified model loads the state dict (save_pretrained); training goes on in A = −exp(A_log)."""
     for layer in mamba_layers(module).values():
         if isinstance(layer, SelectiveSSM) and layer.mimetic_c is not None:
             layer.A_log.copy_(-layer.mimetic_c * layer.A_log)
@@ -622,37 +527,33 @@ def bake_mimetic_A_(module):
             layer.A_log._no_weight_decay = decay
     return module
 
-
 def ssm_inputs(layer, hidden_states):
     """What the SSM of any Mamba layer reads from hidden_states (b, L, d_model): x after the conv and SiLU, dt
     before its bias, B, C and the gate z (Eq. 9). Mamba 1, time last as the scan wants them: x, dt, z (b, D, L),
     B, C (b, N, L). Mamba 2: x (b, L, H, P), dt (b, L, H), B, C (b, L, G, N), z (b, L, D)."""
-    where, W, conv = layout_of(layer), layer.in_proj, layer.conv1d
+    where, W = layout_of(layer), layer.in_proj
     _check_input(hidden_states, W.in_features)
     if where.version == 1:
         x, z = W(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
-        x = F.silu(causal_conv1d(x, conv.weight, conv.bias))
+        x = F.silu(causal_conv(layer, x))
         R, N = where.B[0].start, where.B[0].stop - where.B[0].start  # x_proj rows: [dt (R), B (N), C (N)]
         dt, B, C = layer.x_proj(x).split([R, N, N], dim=-1)
         dt = dt @ layer.dt_proj.weight.T  # (b, L, D); the bias is added in the scan
         return tuple(t.transpose(1, 2) for t in (x, dt, B, C, z))  # (b, D or N, L)
     G, N, H = len(where.B), where.B[0].stop - where.B[0].start, where.dt_weight.shape[0]
-    D = conv.in_channels - 2 * G * N  # mamba_ssm's d_ssm: in_proj rows are [z0, x0, z, x, B, C, dt]
+    D = layer.conv1d.in_channels - 2 * G * N  # mamba_ssm's d_ssm: in_proj rows are [z0, x0, z, x, B, C, dt]
     _, z, xBC, dt = W(hidden_states).split([W.out_features - 2 * D - 2 * G * N - H, D, D + 2 * G * N, H], dim=-1)
-    x, B, C = F.silu(causal_conv1d(xBC, conv.weight, conv.bias)).split([D, G * N, G * N], dim=-1)
+    x, B, C = F.silu(causal_conv(layer, xBC)).split([D, G * N, G * N], dim=-1)
     return x.unflatten(-1, (H, D // H)), dt, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), z
-
 
 def ssm_A(layer):
     """A of any Mamba layer in fp32: (D, N) for Mamba 1, (H, 1) for Mamba 2 (a scalar per head)."""
     A = layer.A if isinstance(layer, SelectiveSSM) else -torch.exp(layer.A_log.float())
     return A.reshape(len(A), -1)
 
-
 def ssm_params(layer, hidden_states):
-    """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer, all Eq. 8 needs, per channel (Mamba 2: per
-    head, A the same for all N, §2), Δ clamped as the layer clamps it. In fp32 (fp64 for an fp64 layer): the
-    layer's projections, in its own precision, are cast up."""
+    """Δ (b, D, L), A (D, N), B, C (b, G, N, L) of any Mamba layer for Eq. 8, per channel (Mamba 2: per head, one A
+    for all N, §2), Δ clamped as the layer clamps it; in fp32 (fp64 for an fp64 layer), the projections cast up."""
     where, A = layout_of(layer), ssm_A(layer)
     dt, B, C = (t.to(torch.promote_types(t.dtype, A.dtype)) for t in ssm_inputs(layer, hidden_states)[1:4])
     if where.version == 1:
@@ -661,25 +562,21 @@ def ssm_params(layer, hidden_states):
     return delta, A.expand(-1, B.shape[-1]), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā
+# ---- Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā ------------------------
 
 def segsum(log_a):
-    """(..., L) → (..., L, L): S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j, −inf above the diagonal, so
-    exp(S) is the causal mask ∏_{k=j+1..i} Ā_k. Summing masked terms (not differencing a cumsum) keeps it exact
-    for long L. mamba_ssm's name; kernels.py has its own copy, so that each file stands alone."""
+    """(..., L) → (..., L, L): S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j, −inf above, so exp(S) is the causal
+    mask ∏_{k=j+1..i} Ā_k; summing masked terms, not differencing a cumsum, keeps it exact. kernels.py has a copy."""
     L = log_a.shape[-1]
     ones = torch.ones(L, L, dtype=torch.bool, device=log_a.device)
     terms = log_a[..., :, None].expand(*log_a.shape, L).masked_fill(~ones.tril(-1), 0)  # [k, j] = log_a[k], k > j
     return terms.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
 
-
 def ssm_matrix(delta, A, B, C):
     """Eq. 8: M[b, d, i, j] = Σ_n C[b, n, i] · exp(Σ_{k=j+1..i} Δ[b, d, k] A[d, n]) · Δ[b, d, j] B[b, n, j].
     delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) → M: (b, D, L, L), with y_d = M_d x_d the scan. With one A
     for all N (Mamba 2), the mask leaves Σ_n: M = mask ⊙ C_iᵀ B_j Δ_j, multi-head linear attention."""
-    b, D, L = delta.shape
-    G, N = B.shape[1], B.shape[2]
+    (b, D, L), (G, N) = delta.shape, B.shape[1:3]
     if torch.equal(A, A[:, :1].expand_as(A)):  # one A for all N
         CB = (C.transpose(-1, -2) @ B).repeat_interleave(D // G, dim=1)  # (b, D, L, L)
         return segsum(delta * A[:, 0, None]).exp() * CB * delta[..., None, :]
@@ -689,12 +586,10 @@ def ssm_matrix(delta, A, B, C):
         M += C_n[..., :, None] * segsum(delta * A[:, n, None]).exp() * (delta * B_n)[..., None, :]
     return M
 
-
 def attention_matrix(layer, hidden_states):
-    """M of a mixing layer (any library's Mamba, Attention, LinearAttention) on the hidden_states it reads: (b, D,
-    L, L) per channel for Mamba 1, (b, H, L, L) per head for the others. For Mamba, M times the SSM input (after
-    conv and SiLU) is the SSM output before the D skip and the z gate. In fp32 (fp64 for an fp64 layer), also
-    under bf16 weights or autocast: the layer's projections are computed as it computes them, Eq. 8 in fp32."""
+    """M of a layer (any library's Mamba, Attention, LinearAttention) on the hidden_states it reads: (b, D, L, L) per
+    channel for Mamba 1, (b, H, L, L) per head for the others; for Mamba, M times the SSM input is the SSM output
+    before the D skip and z gate. In fp32 (fp64 for an fp64 layer), also for bf16 weights or under autocast."""
     if layout_of(layer):
         params = ssm_params(layer, hidden_states)
         with torch.autocast(hidden_states.device.type, enabled=False):
@@ -704,26 +599,21 @@ def attention_matrix(layer, hidden_states):
         return M.to(torch.promote_types(M.dtype, torch.float32))
     raise TypeError(f"no attention matrix for {_name(layer)}")
 
-
 def attention_map(layer, hidden_states):
     """The layer's attention map (§2): M averaged over channels (heads), (b, L, L)."""
     return attention_matrix(layer, hidden_states).mean(1)
 
-
 def attention_mask(layer, hidden_states):
-    """The average attention mask (§2), (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}: (b, L, L), whose reach shows how
-    far back the layer can look."""
+    """The average attention mask (§2), (1/DN) Σ_{d,n} ∏_{k=j+1..i} Ā_{d,n,k}, (b, L, L): how far back it looks."""
     if not layout_of(layer):
         raise TypeError(f"only Mamba layers have a mask ∏Ā, got {_name(layer)}")
     delta, A, _, _ = ssm_params(layer, hidden_states)
     columns = A[:, :1] if torch.equal(A, A[:, :1].expand_as(A)) else A  # one A for all N: one mask serves them
     return sum(segsum(delta * a[:, None]).exp().mean(1) for a in columns.unbind(1)) / columns.shape[1]
 
-
 @torch.no_grad()
 def mimetic_report(model, input_ids=None):
-    """How mimetic each Mamba layer of `model` is: a dict per layer (print them with format_report). In
-    brackets the values right after mimetic_init_; §6 finds some pretrained layers near them.
+    """How mimetic each Mamba layer of `model` is, a dict per layer [after mimetic_init_; §6 finds pretrained near]:
       mask         mean of the average mask ∏Ā over i ≥ j, on input_ids [≈ 1]; None without input_ids
       A_bar        mean one-step decay Ā = exp(Δ A) [≈ 1, but e^−1 where A_log = 0]
       delta(_std)  Δ's mean (spread) over channels and tokens; without input_ids Δ = softplus(b_Δ) [1 (0)]
@@ -748,7 +638,6 @@ def mimetic_report(model, input_ids=None):
                          bc_cos=sum(cos) / len(cos), conv_err=conv_err))
     return rows
 
-
 def format_report(rows):
     """mimetic_report's rows as a table, one line per layer."""
     heads = dict(layer="layer", mask="mask ∏Ā", A_bar="Ā", delta="Δ", delta_std="Δ std", bc_cos="cos(W_C,W_B)",
@@ -758,30 +647,23 @@ def format_report(rows):
     return "\n".join(" ".join(s.rjust(12) for s in line) for line in table)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1)
-#
+# ---- Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1) ---------------------
 # Every task is teacher-forced next-token prediction: targets[:, t] labels the prediction made after reading
-# inputs[:, :t+1], and is -100 (cross_entropy's ignore_index) where there is nothing to predict. Tokens 0..V-1
-# are content (V = vocab_size); the task's special tokens follow, with ids V, V+1, ... Batches are built on the
-# CPU from the given torch.Generator only, never from the global RNG, so a seed fixes a batch. generator=None
-# is torch.Generator()'s fixed default seed, the same batch every call: pass your own when training.
+# inputs[:, :t+1], -100 (cross_entropy's ignore_index) where there is nothing to predict. TASK_VOCAB[task]: the
+# default V (vocab_size) of content tokens 0..V-1, and the names of the special tokens V, V+1, ... Batches are built
+# on the CPU from the given torch.Generator only, so a seed fixes a batch (generator=None: the same batch every call).
 
-# task: (default number of content tokens V, names of the special tokens V, V+1, ...)
-TASK_VOCAB = {
-    "copy": (26, ("SEP", "STOP")),
-    "stack": (26, ("SEP", "STOP")),
-    "mqar": (8192, ()),  # as in zoology: no separator, the key range tells keys from values
-    "sort": (512, ("SEP", "STOP")),
-    "selective_copy": (16, ("BLANK", "SEP")),
-    "induction": (16, ("TRIGGER",)),
-}
+TASK_VOCAB = {"copy": (26, ("SEP", "STOP")),
+              "stack": (26, ("SEP", "STOP")),
+              "mqar": (8192, ()),  # as in zoology: no separator, the key range tells keys from values
+              "sort": (512, ("SEP", "STOP")),
+              "selective_copy": (16, ("BLANK", "SEP")),
+              "induction": (16, ("TRIGGER",))}
 TASKS = tuple(TASK_VOCAB)
 COPY_TASKS = ("copy", "stack", "sort")  # a string, SEP, the string again (reordered), STOP
 SELECTIVE_COPY_TOKENS = 16  # tokens to memorize in selective copying (Mamba App. E.1)
 MQAR_POWER_A = 0.01  # zoology's power law a for where mqar queries fall (a = 1: uniform)
 EVAL_SEED = 2**31 - 1  # evaluate()'s default batches, apart from make_batch's default stream
-
 
 def _content_vocab(task, vocab_size):
     if task not in TASK_VOCAB:
@@ -791,28 +673,21 @@ def _content_vocab(task, vocab_size):
         raise ValueError(f"vocab_size must be positive, got {V}")
     return V
 
-
 def task_vocab_size(task, vocab_size=None):
     """Embedding size an LM needs for `task`: its content tokens plus its special tokens."""
     return _content_vocab(task, vocab_size) + len(TASK_VOCAB[task][1])
 
-
-def _sample_distinct(b, population, k, g):
-    """(b, k) distinct ints from range(population) per row, in random order (top-k of noise)."""
+def _sample_distinct(b, population, k, g):  # (b, k) distinct ints from range(population) per row, in random order
     return torch.rand(b, population, generator=g).topk(k, dim=1).indices
 
-
-def _shift(seq, first_label):
-    """Teacher forcing: predict seq[t+1] from seq[:t+1], with labels from prediction `first_label` on."""
+def _shift(seq, first_label):  # teacher forcing: seq[t+1] predicted from seq[:t+1], labels from first_label on
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()
     targets[:, :first_label] = -100
     return inputs, targets
 
-
 def _copy_like(task, b, n, V, g):
     """A string of n tokens, SEP (V), the string again, STOP (V+1): as it was (copy), reversed (stack) or sorted
-    (sort, whose string has no repeats). V=26, stack of [7, 0, 19]: inputs [7, 0, 19, 26, 19, 0, 7], targets
-    [-100, -100, -100, 19, 0, 7, 27]."""
+    (sort: no repeats). V=26, stack [7, 0, 19]: inputs [7, 0, 19, 26, 19, 0, 7], targets [-100] * 3 + [19, 0, 7, 27]"""
     if task == "sort":
         if n > V:
             raise ValueError(f"sort draws without replacement: length {n} > vocab_size {V}")
@@ -823,7 +698,6 @@ def _copy_like(task, b, n, V, g):
         y = x.flip(1) if task == "stack" else x
     sep, stop = torch.full((b, 1), V), torch.full((b, 1), V + 1)
     return _shift(torch.cat([x, sep, y, stop], dim=1), n)  # labels: the pasted string and STOP
-
 
 def _mqar(b, n, V, g, T):
     """Multi-query associative recall (zoology's multiquery_ar): n key-value pairs k_1 v_1 ... k_n v_n, keys
@@ -847,7 +721,6 @@ def _mqar(b, n, V, g, T):
     targets = torch.full((b, T), -100).scatter_(1, 2 * n + 2 * gaps, values)
     return torch.cat([context, queries], dim=1), targets
 
-
 def _selective_copy(b, L, V, g):
     """Selective copying (Mamba §4.1.1): 16 tokens at random positions of an L-token region of BLANK (V), then
     SEP (V+1), then those tokens in order, the labels. The random spacing defeats a fixed-lag convolution."""
@@ -858,7 +731,6 @@ def _selective_copy(b, L, V, g):
     where = _sample_distinct(b, L, k, g).sort(dim=1).values  # sorted: the tokens keep their order
     region = torch.full((b, L), V).scatter_(1, where, tokens)
     return _shift(torch.cat([region, torch.full((b, 1), V + 1), tokens], dim=1), L)
-
 
 def _induction(b, L, V, g):
     """Induction heads (Mamba §4.1.2): L random tokens with TRIGGER (V) once inside and again at the end, where
@@ -873,12 +745,10 @@ def _induction(b, L, V, g):
     targets[:, -1] = inputs.gather(1, p + 1).squeeze(1)
     return inputs, targets
 
-
 def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq_len=None):
-    """(inputs, targets): LongTensors (batch_size, T) on the CPU, targets -100 where there is no loss. length:
-    string length (copy, stack, sort), key-value pairs (mqar), region length (selective_copy: T = length + 16)
-    or sequence length (induction: T = length). seq_len: mqar's T, which zoology sets apart from the number of
-    pairs (its configs use 16 tokens a pair); None gives T = 6 · length."""
+    """(inputs, targets), LongTensors (batch_size, T). length: string length (copy, stack, sort), key-value pairs
+    (mqar), region length (selective_copy: T = length + 16) or sequence length (induction: T = length). seq_len:
+    mqar's T, which zoology sets apart from the number of pairs (16 tokens a pair in its configs); None: 6 · length."""
     V = _content_vocab(task, vocab_size)
     for name, value in (("batch_size", batch_size), ("length", length)):
         if value <= 0:
@@ -892,41 +762,35 @@ def make_batch(task, batch_size, length, *, vocab_size=None, generator=None, seq
         return _mqar(batch_size, length, V, g, 6 * length if seq_len is None else seq_len)
     return (_selective_copy if task == "selective_copy" else _induction)(batch_size, length, V, g)
 
-
 # What evaluate returns, with the headings tables and plots give them
 METRICS = {"exact_match": "exact match", "token_acc": "token accuracy (mqar: zoology's per-query accuracy)",
            "string_acc": "string accuracy (Jelassi et al.'s: STOP not scored)"}
 
-
-def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None,
-             device=None, seq_len=None):
-    """METRICS of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval
-    mode under no_grad: token_acc over labeled tokens, exact_match (every labeled token of a row right) and
-    string_acc (the pasted string right, STOP not scored). Teacher-forced exact match is greedy decoding's: with
-    every labeled token right, greedy decoding sees the same prefixes; at its first wrong token the prefix was
-    still right, so teacher forcing errs there too."""
+@torch.no_grad()
+def evaluate(model, task, length, *, vocab_size=None, batch_size=64, n_batches=4, generator=None, device=None,
+             seq_len=None):
+    """METRICS of argmax predictions on held-out batches (seed EVAL_SEED unless a generator is given), in eval mode:
+    token_acc over labeled tokens, exact_match (a row's labeled tokens all right), string_acc (the pasted string right,
+    STOP not scored). Teacher-forced exact match is greedy decoding's: both see the same prefixes until an error."""
     if n_batches <= 0:
         raise ValueError(f"n_batches must be positive, got {n_batches}")
     g = torch.Generator().manual_seed(EVAL_SEED) if generator is None else generator
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
+    device = next(model.parameters(), torch.empty(0)).device if device is None else device
     was_training = model.training
     model.eval()
     stop = _content_vocab(task, vocab_size) + 1 if task in COPY_TASKS else None
     correct = labeled = exact = strings = 0
     try:
-        with torch.no_grad():
-            for _ in range(n_batches):
-                inputs, targets = make_batch(task, batch_size, length, vocab_size=vocab_size, generator=g,
-                                             seq_len=seq_len)
-                targets = targets.to(device)
-                mask = targets != -100
-                right = (model(inputs.to(device)).argmax(-1) == targets) & mask
-                correct += right.sum().item()
-                labeled += mask.sum().item()
-                exact += (right.sum(1) == mask.sum(1)).sum().item()
-                string = mask & (targets != stop)
-                strings += ((right & string).sum(1) == string.sum(1)).sum().item()
+        for _ in range(n_batches):
+            inputs, targets = make_batch(task, batch_size, length, vocab_size=vocab_size, generator=g, seq_len=seq_len)
+            targets = targets.to(device)
+            mask = targets != -100
+            right = (model(inputs.to(device)).argmax(-1) == targets) & mask
+            correct += right.sum().item()
+            labeled += mask.sum().item()
+            exact += (right.sum(1) == mask.sum(1)).sum().item()
+            string = mask & (targets != stop)
+            strings += ((right & string).sum(1) == string.sum(1)).sum().item()
     finally:
         model.train(was_training)
     n = batch_size * n_batches

@@ -214,7 +214,6 @@ def test_mixer_inputs_of_our_hybrid_lm_include_its_attention_layer():
         h = block(h)
     seen = mixer_inputs(model, ids)
     assert list(seen) == [0, 1, 2] and all(torch.equal(seen[k], true[k]) for k in range(3))
-    assert all(torch.equal(a, b) for a, b in zip(model.mixer_inputs(ids), true))
     assert sorted(mimetic.mamba_layers(model)) == [0, 2]
 
 

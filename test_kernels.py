@@ -249,6 +249,26 @@ def test_ssd_bf16():
         torch.testing.assert_close(got[k].float(), want[k], rtol=3e-2, atol=5e-2)
 
 
+# ----------------------------------------------------------------------------- causal conv
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_conv1d_is_nn_conv1d_cut_to_length(bias):
+    """kernels.causal_conv1d on (b, L, C) gives nn.Conv1d(groups=C, padding=K-1)[..., :L]'s output and gradients
+    (mimetic.py's readable path), and under bf16 autocast the same dtype as the conv."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3, bias=bias)
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    got = kernels.causal_conv1d(x, conv.weight, conv.bias)
+    want = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(y.square().sum(), [x, *conv.parameters()]) for y in (got, want)]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.causal_conv1d(x.bfloat16(), conv.weight, conv.bias).dtype == conv(x.transpose(1, 2)).dtype
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

@@ -652,7 +652,9 @@ class ToyMixer(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, hidden_states):
-        return self.out_proj(mimetic.causal_conv1d(hidden_states, self.taps, None))
+        x = F.conv1d(hidden_states.transpose(1, 2), self.taps, padding=self.taps.shape[-1] - 1,
+                     groups=self.taps.shape[0])
+        return self.out_proj(x[..., :hidden_states.shape[1]].transpose(1, 2))
 
 
 def test_a_new_architecture_is_one_registry_entry_and_its_class(monkeypatch):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import mimetic
 from mimetic import (LM, Mamba1, Mamba2, ModelConfig, attention_map, attention_mask, attention_matrix, evaluate,
-                     make_batch, mimetic_init_, segsum, selective_scan_loop, task_vocab_size)
+                     make_batch, mimetic_init_, mixer_inputs, segsum, selective_scan_loop, task_vocab_size)
 
 warnings.filterwarnings("ignore", message=".*non-interactive.*")  # plt.show() under a headless script
 torch.manual_seed(0)
@@ -391,7 +391,7 @@ hybrid = LM(ModelConfig(vocab_size=V, d_model=32, n_layers=2, arch="mamba1", d_s
 
 def layer_maps(model, ids, k):
     """(attention map, mask or None) of layer k of model on ids, for the first sequence."""
-    mixer, h = model.layers[k].mixer, model.mixer_inputs(ids)[k]
+    mixer, h = model.layers[k].mixer, mixer_inputs(model, ids)[k]
     mask = attention_mask(mixer, h)[0] if isinstance(mixer, mimetic.SelectiveSSM) else None
     return attention_map(mixer, h)[0], mask
 
@@ -426,7 +426,7 @@ other = ~same_token & torch.ones(T_, T_, dtype=torch.bool).tril(-1)
 excess = {}
 with torch.no_grad():
     for name, model in [("default", default_lm), ("mimetic", mimetic_lm)]:
-        m = attention_map(model.layers[0].mixer, model.mixer_inputs(ids8)[0])
+        m = attention_map(model.layers[0].mixer, mixer_inputs(model, ids8)[0])
         excess[name] = ((m[same_token].mean() - m[other].mean()) / m[other].std()).item()
         print(f"{name}: map where query and key are the same token is {excess[name]:+.2f} σ above the rest")
 assert excess["mimetic"] > excess["default"] + 0.25, excess
