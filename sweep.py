@@ -264,8 +264,8 @@ def summary_command(argv):
     parser.add_argument("--to", help="where summary.md, summary.csv and the figures go (default: the folder)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    names = args.configs.split(",") if args.configs else sorted(p.name for p in folder.iterdir() if p.is_dir())
     try:
+        names = args.configs.split(",") if args.configs else sorted(p.name for p in folder.iterdir() if p.is_dir())
         figures.write_summary(folder, names, to=args.to)
     except (ValueError, OSError) as e:
         fail(e)
