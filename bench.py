@@ -15,14 +15,14 @@ check:  every scan backend usable here against the reference loop (forward and b
 
 step:   one training step (forward, backward, AdamW) of a whole model on the batches training draws (by
         default the main job's: copy strings of 2-16 of 64 tokens, batch 32), for Mamba 2 and Mamba 1.
-        Contenders: ours, ours with mimetic.py's readable loop instead of kernels.py, ours under
+        Contenders: ours, ours with mimetic.py's readable loop instead of mimetic_kernels.py, ours under
         torch.compile(dynamic=True) (compile time excluded), this repository at --against, and Hugging
         Face transformers' Mamba2ForCausalLM / MambaForCausalLM of the same sizes (their torch paths).
         Each runs in a worker process of its own, in interleaved rounds; a cell is the median over rounds
         of the mean step time over the same fixed batches. "loss" is the last step's: the same model on the
         same batches gives the same loss whatever the speed.
 mixer:  one sequence-mixing layer, forward + backward, ours vs Hugging Face's mixer with the same weights.
-scans:  kernels.py's backends against the reference loop, and mamba_ssm's CUDA kernels on a GPU.
+scans:  mimetic_kernels.py's backends against the reference loop, and mamba_ssm's CUDA kernels on a GPU.
 Peers that are not installed are named as such. Ratios are contender / ours: above 1 means slower.
 """
 import argparse
@@ -129,11 +129,12 @@ def bench_step(args):
     revision_dir = None
     if args.against:
         revision_dir = tempfile.mkdtemp(prefix="bench-")
-        for name in ("mimetic.py", "kernels.py"):
-            text = subprocess.run(["git", "-C", HERE, "show", f"{args.against}:{name}"], capture_output=True,
-                                  text=True, check=True).stdout
-            with open(os.path.join(revision_dir, name), "w") as f:
-                f.write(text)
+        for name in ("mimetic.py", "mimetic_kernels.py", "kernels.py"):  # kernels.py: its name before 2026-12-06
+            shown = subprocess.run(["git", "-C", HERE, "show", f"{args.against}:{name}"], capture_output=True,
+                                   text=True)
+            if shown.returncode == 0:
+                with open(os.path.join(revision_dir, name), "w") as f:
+                    f.write(shown.stdout)
     names = {"ours": "ours", "loop": "ours, readable loop", "compile": "ours, torch.compile",
              "rev": f"ours at {args.against}", "hf": "Hugging Face"}
     chosen = ["ours"] + [k for k in args.contenders.split(",") if k != "ours" and (k != "rev" or args.against)]
@@ -294,7 +295,7 @@ def bench_mixers(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scans: kernels.py's backends against the reference, and mamba_ssm's CUDA kernels on a GPU
+# Scans: mimetic_kernels.py's backends against the reference, and mamba_ssm's CUDA kernels on a GPU
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 SCAN_SHAPES = [(64, 2048, 32, 128), (16, 1024, 16, 512), (8, 2048, 16, 2048), (4, 1536, 16, 4096)]  # b, D, N, L
@@ -335,7 +336,7 @@ def _scan_rows(label, runs, inputs, act_numels, out_numel, device):
 
 
 def bench_scans(args):
-    import kernels
+    import mimetic_kernels as kernels
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -424,7 +425,7 @@ def _outputs_and_grads(fn, inputs):
 
 def check_scans(c_by_kind, device):
     """Each usable backend against the reference loop in fp32 on the same (rounded) inputs; False if one fails."""
-    import kernels
+    import mimetic_kernels as kernels
     triton_ok = kernels.triton is not None and (device.type == "cuda" or kernels._INTERPRETED)
     print("\n## scans against the reference loop, forward and backward: largest relative error of y and the "
           "gradients\n| scan (shape) | dtype | backend | rel. error | tolerance | result |\n|---|---|---|---:|---:|---|")

@@ -10,9 +10,19 @@ import os
 import torch
 
 if not torch.cuda.is_available():  # Triton kernels then run on CPU tensors in its interpreter, which must
-    os.environ["TRITON_INTERPRET"] = "1"  # be switched on before kernels.py imports triton
+    os.environ["TRITON_INTERPRET"] = "1"  # be switched on before mimetic_kernels imports triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_report_header():
+    """The versions a run tested: CI runs test_foreign.py with the newest transformers and with its floor."""
+    try:
+        import transformers
+        hf = transformers.__version__
+    except ImportError:
+        hf = "not installed (test_foreign.py skips)"
+    return f"torch {torch.__version__}, transformers {hf}"
 
 
 def rel_err(a, b):

@@ -18,12 +18,9 @@ Glossary (code → paper):
   attention_matrix       M_d     M_d[i, j] = C_iᵀ (∏_{k=j+1..i} Ā_k) B̄_j for i ≥ j (Eq. 8)
   attention_map / _mask          channel average of M_d / of ∏Ā (§2, "Mamba attention maps")
 """
-import importlib.util
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,33 +29,17 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 
-def _fast_path():
-    """kernels.py's fast scans, as the module mimetic_kernels: the kernels.py beside this file (a checkout, pip
-    install -e .) if it has our marker line, never another project's; else the installed one (pip install .)."""
-    path = Path(__file__).with_name("kernels.py")
-    try:
-        if not path.is_file():
-            import mimetic_kernels
-            return mimetic_kernels
-        if "\nMIMETIC_KERNELS = True" not in path.read_text(encoding="utf-8"):
-            raise ImportError(f"{path} is not mimetic's kernels.py")
-        spec = importlib.util.spec_from_file_location("mimetic_kernels", path)
-        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    except Exception as error:
-        sys.modules.pop("mimetic_kernels", None)
-        where = path if path.is_file() else f"mimetic_kernels (no kernels.py beside {Path(__file__).name})"
-        warnings.warn(f"mimetic runs its own PyTorch loops (a CPU training step: Mamba 2 about 10× slower than with "
-                      f"kernels.py, Mamba 1 1.4×), as {where} failed to import: {error!r}")
-        return None
-
-kernels = _fast_path()
+try:  # the fast scans and conv; mimetic.py copied without mimetic_kernels.py runs its readable loops
+    import mimetic_kernels as kernels
+except ImportError as error:
+    kernels = None
+    warnings.warn(f"mimetic runs its own PyTorch loops (a CPU training step: Mamba 2 about 10× slower than with "
+                  f"mimetic_kernels.py, Mamba 1 1.4×), as mimetic_kernels failed to import: {error!r}")
 use_kernels = kernels is not None  # set False to force the readable loop (tests compare the two)
 SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimetic dt bias (§3.1)
 
 
-# ---- Selective scan (Eq. 2–3): the readable loop is the spec, kernels.py the fast path ---------------------
+# ---- Selective scan (Eq. 2–3): the readable loop is the spec, mimetic_kernels.py the fast path -----
 
 def selective_scan_loop(u, delta, A, B, C):
     """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), step by step. u, delta: (b, D, L); A:
@@ -566,7 +547,8 @@ def ssm_params(layer, hidden_states):
 
 def segsum(log_a):
     """(..., L) → (..., L, L): S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j, −inf above, so exp(S) is the causal
-    mask ∏_{k=j+1..i} Ā_k; summing masked terms, not differencing a cumsum, keeps it exact. kernels.py has a copy."""
+    mask ∏_{k=j+1..i} Ā_k; summing masked terms, not differencing a cumsum, keeps it exact.
+    mimetic_kernels.py has a copy."""
     L = log_a.shape[-1]
     ones = torch.ones(L, L, dtype=torch.bool, device=log_a.device)
     terms = log_a[..., :, None].expand(*log_a.shape, L).masked_fill(~ones.tril(-1), 0)  # [k, j] = log_a[k], k > j

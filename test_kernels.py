@@ -1,4 +1,4 @@
-"""kernels.py: every backend of selective_scan and ssd_scan against the reference loop, gradients included,
+"""mimetic_kernels.py: every backend of selective_scan and ssd_scan against the reference loop, gradients included,
 and clear errors on bad input. The Triton kernels run in Triton's interpreter on a machine without a GPU."""
 import contextlib
 import importlib.util
@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-import kernels
+import mimetic_kernels as kernels
 from conftest import HERE, rel_err
 
 # ---------------------------------------------------------------------------------------------------
-# kernels.py: every backend against the reference loop, gradients included
+# mimetic_kernels.py: every backend against the reference loop, gradients included
 
 CUDA = torch.cuda.is_available()
 TRITON_OK = kernels.triton is not None and (CUDA or kernels._INTERPRETED)
@@ -318,7 +318,7 @@ def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
 
 @pytest.mark.long
 def test_kernels_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None; import kernels, torch; assert kernels.triton is None; "
+    code = ("import sys; sys.modules['triton'] = None; import mimetic_kernels as kernels, torch; assert kernels.triton is None; "
             "y = kernels.selective_scan(torch.randn(1, 2, 3), torch.rand(1, 2, 3), -torch.ones(2, 4), "
             "torch.randn(1, 4, 3), torch.randn(1, 4, 3)); assert y.shape == (1, 2, 3) and y.isfinite().all()")
     done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
@@ -334,7 +334,7 @@ def test_kernels_imports_with_a_triton_older_than_3_4(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", old)
     for interpret in ("1", "0"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
-        spec = importlib.util.spec_from_file_location("kernels_on_old_triton", os.path.join(HERE, "kernels.py"))
+        spec = importlib.util.spec_from_file_location("kernels_on_old_triton", os.path.join(HERE, "mimetic_kernels.py"))
         fresh = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(fresh)
         assert fresh.triton is old and fresh._INTERPRETED == (interpret == "1")
@@ -405,7 +405,7 @@ COMPILE_REPORT = """
 import contextlib, io, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
+import mimetic_kernels as kernels
 fp32 = ("A_ptr", "D_ptr", "bias_ptr", "last_ptr", "starts_ptr", "scratch_ptr", "dlast_ptr", "dA_ptr", "dB_ptr",
         "dC_ptr", "dD_ptr", "dbias_ptr")
 for dim, N in ((2048, 32), (128, 16)):  # the paper's Mamba 1 layer, and the Mamba paper's small one

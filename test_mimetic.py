@@ -15,8 +15,8 @@ from mimetic import (LM, SELECTIVE_COPY_TOKENS, TASKS, Attention, LinearAttentio
 
 @pytest.fixture(params=["loop", "kernels"])
 def scan_path(request, monkeypatch):
-    """Run a test once on mimetic.py's own loop and once on kernels.py's fast path."""
-    assert mimetic.kernels is not None, "mimetic.py did not pick up the kernels.py beside it"
+    """Run a test once on mimetic.py's own loop and once on mimetic_kernels' fast path."""
+    assert mimetic.kernels is not None, "mimetic.py did not pick up mimetic_kernels"
     monkeypatch.setattr(mimetic, "use_kernels", request.param == "kernels")
     return request.param
 
@@ -176,7 +176,7 @@ def test_attention_baselines_are_their_matrices():
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_fast_path_trains_like_the_readable_path(arch, monkeypatch):
-    """Six training steps of a small LM through kernels.py and through mimetic.py's own loop, from the same
+    """Six training steps of a small LM through mimetic_kernels and through mimetic.py's own loop, from the same
     init and batches (1 to 3 scan chunks of 8 steps), give the same losses and parameters in fp32. Losses
     are compared under AdamW, as training runs; parameters under SGD, since Adam's division by |gradient|
     turns the rounding of a near-zero gradient into a visible step (one conv tap moves 1e-4 apart)."""

@@ -363,7 +363,7 @@ check("out_proj(norm((SSD + D·X) , z)) == Mamba2(hidden)", out2, layer2(hidden)
 # %% [markdown]
 # Steps 1, 2 and 4 are matmuls (tensor-core friendly on a GPU); only step 3 is sequential, and over T/Q chunks
 # instead of T steps. `kernels.ssd_scan` is the fast version of this function; `Mamba2.forward` uses it when
-# kernels.py is importable (else the `selective_scan_loop` recurrence).
+# mimetic_kernels.py is importable (else the `selective_scan_loop` recurrence).
 #
 # ## 6. Attention maps at initialization (§2, "Mamba attention maps")
 #

@@ -1,4 +1,5 @@
-"""Selective-scan kernels for Mamba (S6) and Mamba2 (SSD) layers.
+"""mimetic_kernels.py — selective-scan kernels for Mamba (S6) and Mamba2 (SSD) layers. (Not kernels.py: that
+name would shadow Hugging Face's `kernels` package, which transformers imports.)
 
 Two entry points, both differentiable in every tensor argument:
 
@@ -46,13 +47,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-try:  # kernels.py must import without triton; only the "triton" backend needs it
+try:  # mimetic_kernels.py must import without triton; only the "triton" backend needs it
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
 
-MIMETIC_KERNELS = True  # mimetic.py looks for this line before it uses this file
 BACKENDS = ("triton", "torch", "ref")
 TORCH_CHUNK = 64  # most time steps per chunk in the PyTorch backend
 TORCH_CHUNK_ELEMS = 1 << 24  # cap on b*D*N*T, the size of each per-chunk temporary (GPU)
