@@ -2,11 +2,19 @@
 (MambaForCausalLM, Mamba2ForCausalLM and their mixers) and mamba_ssm's (Mamba, Mamba2, MambaLMHeadModel,
 which need CUDA: here stand-ins with exactly their parameter names and shapes, and a GPU-only test)."""
 import copy
+import functools
+import hashlib
+import importlib.util
+import inspect
 import json
 import math
 import os
 import subprocess
 import sys
+import tarfile
+import tempfile
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +23,8 @@ import torch.nn.functional as F
 
 import mimetic
 from conftest import HERE, rel_err
-from mimetic import (SOFTPLUS_INV_1, attention_map, attention_matrix, bake_mimetic_A_, format_report, make_batch,
-                     mimetic_init_, mimetic_report, mixer_inputs)
+from mimetic import (SOFTPLUS_INV_1, attention_map, attention_mask, attention_matrix, bake_mimetic_A_, format_report,
+                     make_batch, mimetic_init_, mimetic_report, mixer_inputs)
 
 transformers = pytest.importorskip("transformers")
 from packaging.version import Version  # noqa: E402 (a dependency of transformers)
@@ -370,6 +378,187 @@ def test_maps_are_fp32_under_bf16_weights_and_under_bf16_autocast(kind):
         assert torch.equal(autocast, mimetic.ssm_matrix(*params).mean(1)) and mask.dtype == torch.float32
         assert mimetic.attention_mask(copy.deepcopy(layer).bfloat16(), h.bfloat16()).dtype == torch.float32
     assert attention_map(copy.deepcopy(layer).double(), h.double()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------
+# mamba_ssm's real Mamba, Mamba2 and MambaLMHeadModel: their Python source from the pinned sdist; their forward
+# passes on CPU, where its fused CUDA and Triton ops are replaced by mamba_ssm's own reference functions
+
+MAMBA_SSM = "2.3.2.post1"  # the version these tests ran with
+MAMBA_SSM_SHA256 = "104cc47e9101e5401a675fa2b784f2952b9b037f3b1dd83b5ac544394e95d028"  # of its sdist on PyPI
+
+
+def download_mamba_ssm_sdist(to):
+    """pip downloads the sdist and runs its setup.py for the metadata: that imports torch, setuptools (torch 2.13
+    requires it) and wheel (setuptools >= 71 carries it), and compiles nothing with MAMBA_SKIP_CUDA_BUILD. Failing
+    to get it is a skip (CI has the package index; a machine without a network skips), a different file a failure."""
+    with tempfile.TemporaryDirectory(dir=to.parent) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+                   "--no-binary", "mamba-ssm", "--timeout", "20", "--retries", "1", "--dest", tmp,
+                   f"mamba-ssm=={MAMBA_SSM}"]
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "MAMBA_SKIP_CUDA_BUILD": "TRUE", "PIP_NO_INPUT": "1"})
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"cannot download mamba-ssm {MAMBA_SSM}'s sdist: pip took over 300 s (no network?)")
+        got = Path(tmp, f"mamba_ssm-{MAMBA_SSM}.tar.gz")
+        if out.returncode or not got.exists():
+            said = [line for line in out.stderr.splitlines() if "error" in line.lower()] or out.stderr.splitlines()
+            pytest.skip(f"cannot download mamba-ssm {MAMBA_SSM}'s sdist (no network?): pip: {said[-1] if said else ''}")
+        digest = hashlib.sha256(got.read_bytes()).hexdigest()
+        if digest != MAMBA_SSM_SHA256:
+            pytest.fail(f"mamba_ssm-{MAMBA_SSM}.tar.gz has sha256 {digest}, not the pinned {MAMBA_SSM_SHA256}")
+        os.replace(got, to)
+
+
+def extract_mamba_ssm(sdist, to):
+    """Only its package folder, mamba_ssm/ (not its setup.py or tests/), into `to`."""
+    top = f"mamba_ssm-{MAMBA_SSM}/"
+    with tempfile.TemporaryDirectory(dir=to.parent) as tmp, tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(top + "mamba_ssm/")]
+        tar.extractall(tmp, members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        try:
+            os.replace(Path(tmp, top), to)
+        except OSError:  # another run extracted it first
+            assert (to / "mamba_ssm" / "__init__.py").exists()
+
+
+@pytest.fixture(scope="module")
+def mamba_ssm(request, tmp_path_factory):
+    """mamba_ssm 2.3.2.post1's Python source, downloaded once into pytest's cache folder (.pytest_cache/d/mamba_ssm/,
+    reused across runs), imported from there. 2.3.2 imports its compiled CUDA scan, selective_scan_cuda, unguarded:
+    where that is not installed, an empty stand-in takes its place (mamba_cpu then stands in for what calls it).
+    Skips with the reason when einops is missing or the sdist cannot be downloaded. Module scope: after this file,
+    mamba_ssm and the stand-in leave sys.modules (transformers imports mamba_ssm's kernels where it finds them)."""
+    pytest.importorskip("einops", reason="mamba_ssm imports einops: pip install -e '.[test]'")
+    cache = Path(request.config.cache.mkdir("mamba_ssm") if request.config.cache else tmp_path_factory.mktemp("m"))
+    source, sdist = cache / f"src-{MAMBA_SSM}", cache / f"mamba_ssm-{MAMBA_SSM}.tar.gz"
+    if not (source / "mamba_ssm" / "__init__.py").exists():
+        if not sdist.exists():
+            download_mamba_ssm_sdist(sdist)
+        extract_mamba_ssm(sdist, source)
+    before = set(sys.modules)
+    try:
+        if importlib.util.find_spec("selective_scan_cuda") is None:
+            stand_in = types.ModuleType("selective_scan_cuda", "a stand-in: mamba_ssm's compiled scan is not installed")
+            stand_in.STAND_IN = True
+            sys.modules["selective_scan_cuda"] = stand_in
+        sys.path.insert(0, str(source))
+        try:
+            import mamba_ssm
+            from mamba_ssm.models import mixer_seq_simple
+            from mamba_ssm.models.config_mamba import MambaConfig
+            from mamba_ssm.modules import block, mamba2, mamba_simple, ssd_minimal
+            from mamba_ssm.ops import selective_scan_interface
+            from mamba_ssm.ops.triton import layer_norm, layernorm_gated, ssd_combined
+        finally:
+            sys.path.remove(str(source))  # mamba_ssm's own imports go through its package's __path__
+        if mamba_ssm.__version__ != MAMBA_SSM or not mamba_ssm.__file__.startswith(str(source)):
+            pytest.skip(f"mamba_ssm {mamba_ssm.__version__} from {mamba_ssm.__file__} was imported before ours")
+        yield types.SimpleNamespace(mamba_ssm=mamba_ssm, MambaConfig=MambaConfig, mixer_seq_simple=mixer_seq_simple,
+                                    block=block, mamba2=mamba2, mamba_simple=mamba_simple, ssd_minimal=ssd_minimal,
+                                    selective_scan_interface=selective_scan_interface, layer_norm=layer_norm,
+                                    layernorm_gated=layernorm_gated, ssd_combined=ssd_combined)
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "selective_scan_cuda" or name.partition(".")[0] == "mamba_ssm":
+                del sys.modules[name]
+
+
+@pytest.fixture
+def mamba_cpu(mamba_ssm, monkeypatch):
+    """mamba_ssm's forward passes on CPU: each fused CUDA or Triton op its layers call is replaced by mamba_ssm's own
+    reference function for it. Returns what they hand these ops: .scans, the arguments (by name) and the output of
+    each scan, .norms, those of each gated RMSNorm, in call order.
+
+      Mamba           selective_scan_fn (CUDA)             → selective_scan_ref
+      Mamba2          mamba_chunk_scan_combined (Triton)   → ssd_selective_scan, its reference (on selective_scan_ref)
+                      its gated RMSNorm, rmsnorm_fn        → layernorm_gated.rms_norm_ref
+      Block, the LM   the fused add + norm, layer_norm_fn  → layer_norm.rms_norm_ref (or layer_norm_ref)
+
+    Mamba2 must be built with use_mem_eff_path=False: its unfused path (conv1d, scan, gated norm: the one it takes
+    when decoding) runs here; its fused path is one CUDA op from in_proj's output to out_proj's, with no reference
+    that covers d_ssm < d_inner, and it needs the causal_conv1d package. Mamba 1's path is the one it takes without
+    causal_conv1d."""
+    ms, seen = mamba_ssm, types.SimpleNamespace(scans=[], norms=[])
+
+    def spying(reference, log):
+        signature = inspect.signature(reference)
+
+        def spy(*args, **kwargs):
+            out = reference(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            log.append(dict(bound.arguments, out=out))
+            return out
+        return spy
+
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+                   cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+                   return_varlen_states=False):  # mamba_chunk_scan_combined's signature
+        assert initial_states is seq_idx is cu_seqlens is None and not (return_final_states or return_varlen_states)
+        return ms.ssd_combined.ssd_selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                                  dt_limit=dt_limit)
+
+    def add_norm(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                 is_rms_norm=False):  # layer_norm_fn's, as Block and MixerModel call it
+        out = (ms.layer_norm.rms_norm_ref if is_rms_norm else ms.layer_norm.layer_norm_ref)(
+            x, weight, bias, residual=residual, eps=eps, prenorm=prenorm, upcast=True)
+        return (out[0].to(x.dtype), out[1].float() if residual_in_fp32 else out[1]) if prenorm else out.to(x.dtype)
+
+    monkeypatch.setattr(ms.mamba_simple, "selective_scan_fn", spying(ms.selective_scan_interface.selective_scan_ref,
+                                                                     seen.scans))
+    monkeypatch.setattr(ms.selective_scan_interface, "selective_scan_fn",  # what ssd_selective_scan calls
+                        ms.selective_scan_interface.selective_scan_ref)
+    monkeypatch.setattr(ms.mamba2, "mamba_chunk_scan_combined", spying(chunk_scan, seen.scans))
+    monkeypatch.setattr(ms.layernorm_gated, "rmsnorm_fn", spying(ms.layernorm_gated.rms_norm_ref, seen.norms))
+    monkeypatch.setattr(ms.block, "layer_norm_fn", add_norm)
+    monkeypatch.setattr(ms.mixer_seq_simple, "layer_norm_fn", add_norm)
+    return seen
+
+
+def ssm_layer(ms, version, d_model=16, **kwargs):
+    """A mamba_ssm Mamba or Mamba2 (4 heads of 8, 2 groups) as small as these tests need."""
+    if version == 1:
+        return ms.mamba_ssm.Mamba(d_model, **{"d_state": 8, **kwargs})
+    return ms.mamba_ssm.Mamba2(d_model, **{"d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8,
+                                           "use_mem_eff_path": False, **kwargs})
+
+
+def mamba_ssm_lm(ms, version, seed=0, n_layer=2, ssm=None, **config):
+    """A mamba_ssm MambaLMHeadModel with its default blocks (RMSNorm, fused add + norm, fp32 residual)."""
+    torch.manual_seed(seed)
+    ssm_cfg = dict(d_state=8) if version == 1 else dict(layer="Mamba2", d_state=8, headdim=8, ngroups=2,
+                                                          chunk_size=8, use_mem_eff_path=False)
+    config = ms.MambaConfig(d_model=16, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={**ssm_cfg, **(ssm or {})},
+                            pad_vocab_size_multiple=1, **config)
+    return ms.mamba_ssm.MambaLMHeadModel(config, device="cpu")
+
+
+def mamba_ssm_true_mixer_inputs(model, ids):
+    """What each block's mixer reads, by running mamba_ssm's blocks one at a time: RMSNorm(hidden + residual)."""
+    h, residual, inputs = model.backbone.embedding(ids), None, []
+    for block in model.backbone.layers:
+        x = h if residual is None else h + residual
+        inputs.append(x * torch.rsqrt(x.square().mean(-1, keepdim=True) + block.norm.eps) * block.norm.weight)
+        h, residual = block(h, residual)
+    return inputs
+
+
+@pytest.mark.long
+def test_mamba_ssm_is_the_pinned_source_and_two_of_its_references_of_the_mamba2_scan_agree(mamba_ssm, mamba_cpu):
+    """mamba_cpu's Mamba 2 scan (ssd_selective_scan: recurrent) against mamba_ssm's chunked SSD (ssd_minimal_discrete,
+    the Mamba 2 paper's listing): two independent references of one scan give the same output."""
+    ms = mamba_ssm
+    assert ms.mamba_ssm.__version__ == MAMBA_SSM and ms.mamba_ssm.Mamba2.__module__ == "mamba_ssm.modules.mamba2"
+    torch.manual_seed(0)
+    b, L, H, P, G, N = 2, 16, 4, 8, 2, 8
+    x, dt, B, C = torch.randn(b, L, H, P), torch.randn(b, L, H), torch.randn(b, L, G, N), torch.randn(b, L, G, N)
+    A, dt_bias = -4 * torch.rand(H), torch.randn(H)
+    y = ms.mamba2.mamba_chunk_scan_combined(x, dt, A, B, C, 8, dt_bias=dt_bias, dt_softplus=True)
+    delta, per_head = F.softplus(dt + dt_bias), lambda t: t.repeat_interleave(H // G, dim=2)
+    want, _ = ms.ssd_minimal.ssd_minimal_discrete(x * delta[..., None], A * delta, per_head(B), per_head(C), 4)
+    assert len(mamba_cpu.scans) == 1 and rel_err(y, want) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------
