@@ -1,13 +1,13 @@
 """mimetic_init_ and the attention maps on the Mamba models people train: Hugging Face transformers'
-(MambaForCausalLM, Mamba2ForCausalLM and their mixers) and mamba_ssm's (Mamba, Mamba2, MambaLMHeadModel,
-which need CUDA: here stand-ins with exactly their parameter names and shapes, and a GPU-only test)."""
+(MambaForCausalLM, Mamba2ForCausalLM and their mixers) and mamba_ssm's (Mamba, Mamba2, MambaLMHeadModel: its real
+classes from its pinned sdist, their forward passes on CPU through mamba_ssm's own reference functions; a GPU-only
+test for its fused kernels)."""
 import copy
 import functools
 import hashlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import subprocess
 import sys
@@ -561,128 +561,103 @@ def test_mamba_ssm_is_the_pinned_source_and_two_of_its_references_of_the_mamba2_
     assert len(mamba_cpu.scans) == 1 and rel_err(y, want) < 1e-5
 
 
-# ---------------------------------------------------------------------------------------------------
-# mamba_ssm: stand-ins with its names and shapes (its modules need CUDA to run)
-
-class Mamba(nn.Module):  # named, and in a module named, as mamba_ssm's: that is how mimetic_init_ knows them
-    """mamba_ssm.modules.mamba_simple.Mamba's parameters: in_proj [x, z], conv1d, x_proj [dt, B, C], dt_proj,
-    A_log (D, N) marked _no_weight_decay, D, out_proj."""
-    __module__ = "mamba_ssm.modules.mamba_simple"
-
-    def __init__(self, d_model=16, d_state=8, expand=2, d_conv=4):
-        super().__init__()
-        self.d_inner, self.d_state, self.dt_rank = expand * d_model, d_state, math.ceil(d_model / 16)
-        D = self.d_inner
-        self.in_proj = nn.Linear(d_model, 2 * D, bias=False)
-        self.conv1d = nn.Conv1d(D, D, d_conv, groups=D, padding=d_conv - 1)
-        self.x_proj = nn.Linear(D, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, D)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(D, 1))
-        self.D = nn.Parameter(torch.ones(D))
-        self.A_log._no_weight_decay = self.D._no_weight_decay = True
-        self.out_proj = nn.Linear(D, d_model, bias=False)
-
-
-class Mamba2(nn.Module):
-    """mamba_ssm.modules.mamba2.Mamba2's parameters: in_proj [z0, x0, z, x, B, C, dt] (z0, x0: the MLP when
-    d_ssm < d_inner), conv1d over x, B, C, dt_bias, A_log (H,), D, norm, out_proj; dt_limit."""
-    __module__ = "mamba_ssm.modules.mamba2"
-
-    def __init__(self, d_model=16, d_state=8, expand=2, headdim=8, ngroups=2, d_ssm=None, bias=False,
-                 dt_limit=(0.0, float("inf"))):
-        super().__init__()
-        self.d_inner = expand * d_model
-        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
-        self.d_state, self.ngroups, self.nheads, self.dt_limit = d_state, ngroups, self.d_ssm // headdim, dt_limit
-        self.headdim = headdim
-        d_mlp = self.d_inner - self.d_ssm
-        conv_dim = self.d_ssm + 2 * ngroups * d_state
-        self.in_proj = nn.Linear(d_model, 2 * d_mlp + self.d_ssm + conv_dim + self.nheads, bias=bias)
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, 4, groups=conv_dim, padding=3)
-        self.dt_bias = nn.Parameter(torch.rand(self.nheads))
-        self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(1, 16).log())
-        self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = nn.Module()
-        self.norm.weight = nn.Parameter(torch.ones(self.d_ssm))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
-
-
-class MambaLMHeadModel(nn.Module):
-    """backbone.layers[i].mixer, a mamba_ssm.modules.mha.MHA where attn_layer_idx says."""
-    __module__ = "mamba_ssm.models.mixer_seq_simple"
-
-    def __init__(self, n_layer=4, attn_layer_idx=(2,), layer=Mamba2):
-        super().__init__()
-        block = lambda i: nn.Module()
-        self.backbone = nn.Module()
-        self.backbone.layers = nn.ModuleList(block(i) for i in range(n_layer))
-        for i, b in enumerate(self.backbone.layers):
-            b.mixer = nn.MultiheadAttention(16, 1) if i in attn_layer_idx else layer()
-
-
-def test_a_class_named_as_mamba_ssms_but_from_elsewhere_is_not_taken_for_it():
-    """Layouts are keyed by the library and the class name: a user's own Mamba2 is not mamba_ssm's."""
-    theirs, elsewhere = Mamba2(), type("Mamba2", (nn.Module,), {"__module__": "my_project.layers"})()
-    assert mimetic.layout_of(theirs) is not None and mimetic.layout_of(elsewhere) is None
-    with pytest.raises(TypeError, match="no Mamba layer in Mamba2"):
-        mimetic_init_(elsewhere)
-
-
+@pytest.mark.long
 @pytest.mark.parametrize("d_ssm", [None, 16])
-def test_mamba_ssm_mamba2_rows_shift_by_its_mlp(d_ssm):
+def test_ssm_inputs_of_mamba_ssm_mamba2_are_what_its_forward_hands_its_scan_and_norm(d_ssm, mamba_ssm, mamba_cpu):
+    """x, dt, B, C (2 groups) and the gate z come from their rows of in_proj (with a bias), wherever its MLP rows
+    (d_ssm < d_inner) put them."""
     torch.manual_seed(0)
-    layer = Mamba2(d_ssm=d_ssm, bias=True)
+    layer, h = ssm_layer(mamba_ssm, 2, d_ssm=d_ssm, bias=True), torch.randn(2, 9, 16)
+    layer(h)
+    (scan,), (norm,) = mamba_cpu.scans, mamba_cpu.norms
+    ours = dict(zip("x dt B C z".split(), mimetic.ssm_inputs(layer, h)))
+    for name, theirs in (("x", scan["x"]), ("dt", scan["dt"]), ("B", scan["B"]), ("C", scan["C"]), ("z", norm["z"])):
+        torch.testing.assert_close(ours[name], theirs, rtol=1e-6, atol=1e-6, msg=name)  # and the same shape
+    assert ours["x"].shape == (2, 9, layer.nheads, 8) and ours["B"].shape == (2, 9, 2, 8)
+    assert ours["z"].shape == (2, 9, layer.d_ssm) and layer.d_ssm == (d_ssm or 32)
+    M = attention_matrix(layer, h)
+    assert M.shape == (2, layer.nheads, 9, 9) and torch.equal(M.triu(1), torch.zeros_like(M))
+
+
+@pytest.mark.long
+def test_a_dt_limit_below_one_makes_delta_one_impossible_and_the_maps_clamp_as_mamba_ssm_does(mamba_ssm, mamba_cpu):
+    torch.manual_seed(0)
+    layer = ssm_layer(mamba_ssm, 2, dt_limit=(0.001, 0.1))
+    before = {k: t.clone() for k, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^Mamba2 clamps Δ to \(0.001, 0.1\): Δ = 1 is impossible"):
+        mimetic_init_(layer)
+    assert layer.state_dict().keys() == before.keys()  # A_log not parametrized
+    assert all(torch.equal(t, before[k]) for k, t in layer.state_dict().items())
+    mimetic_init_(layer, dt=False)
+    h = torch.randn(2, 7, 16) * 100
+    layer(h)
+    seen = mamba_cpu.scans[0]
+    unclamped = F.softplus(seen["dt"] + seen["dt_bias"])  # (b, L, H)
+    assert unclamped.min() < 0.001 and unclamped.max() > 0.1  # both ends of the limit are in use
+    torch.testing.assert_close(mimetic.ssm_params(layer, h)[0], unclamped.clamp(0.001, 0.1).transpose(1, 2))
+    y = torch.einsum("bhij,bjhp->bihp", attention_matrix(layer, h), seen["x"]) + seen["D"][:, None] * seen["x"]
+    assert rel_err(y, seen["out"].detach()) < 1e-5
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("d_ssm", [None, 16])
+def test_mamba_ssm_mamba2_rows_shift_by_its_mlp(d_ssm, mamba_ssm):
+    torch.manual_seed(0)
+    layer = ssm_layer(mamba_ssm, 2, d_ssm=d_ssm, bias=True)
     before = layer.in_proj.weight.detach().clone(), layer.in_proj.bias.detach().clone()
     mimetic_init_(layer)
-    start = 2 * (32 - layer.d_ssm) + 2 * layer.d_ssm  # z0, x0, z, x
+    start = 2 * (32 - layer.d_ssm) + 2 * layer.d_ssm  # z0, x0 (its MLP), z, x
     for g in range(2):
         b, c = slice(start + 8 * g, start + 8 * g + 8), slice(start + 16 + 8 * g, start + 16 + 8 * g + 8)
         for now, was in zip((layer.in_proj.weight, layer.in_proj.bias), before):
             torch.testing.assert_close(now[c], 0.5 * (was[c] + was[b]))
+            assert torch.equal(now[b], was[b])
     assert torch.equal(layer.in_proj.weight[:start], before[0][:start])  # z0, x0, z, x untouched
     assert layer.in_proj.weight[-layer.nheads:].abs().sum() == 0 and layer.in_proj.bias[-layer.nheads:].abs().sum() == 0
     assert torch.allclose(layer.dt_bias, torch.full_like(layer.dt_bias, SOFTPLUS_INV_1))
 
 
-def test_mamba_ssm_mamba1_keeps_no_weight_decay_on_its_raw_A_log():
-    layer = mimetic_init_(Mamba())
-    assert layer.parametrizations.A_log.original._no_weight_decay
+@pytest.mark.long
+def test_mamba_ssm_mamba1_keeps_no_weight_decay_on_its_raw_A_log_and_no_reinit_on_its_dt_bias(mamba_ssm):
+    layer = mimetic_init_(ssm_layer(mamba_ssm, 1))
+    assert layer.parametrizations.A_log.original._no_weight_decay and layer.dt_proj.bias._no_reinit
     torch.testing.assert_close(layer.A_log, -8.0 * torch.log(torch.arange(1, 9.0)).repeat(32, 1))
     assert layer.dt_proj.weight.abs().sum() == 0 and layer.conv1d.weight[:, 0, :-1].abs().sum() > 0  # conv: Mamba 1 off
     assert bake_mimetic_A_(layer).A_log._no_weight_decay
 
 
-def test_an_impossible_mamba_ssm_head_layout_is_a_clear_error():
-    layer = Mamba2(ngroups=1)
-    layer.headdim = 4  # its 4 heads of 4 channels cannot fill d_ssm = 32
-    with pytest.raises(ValueError, match="^Mamba2 has 4 heads × head_dim 4 for d_inner 32 and 1 groups"):
+@pytest.mark.long
+@pytest.mark.parametrize("built, changed, message", [
+    (dict(ngroups=3), {}, "4 heads × head_dim 8 for d_inner 32 and 3 groups"),
+    (dict(ngroups=1), dict(headdim=4), "4 heads × head_dim 4 for d_inner 32 and 1 groups"),  # 4 × 4 cannot fill 32
+])
+def test_impossible_mamba_ssm_head_layouts_are_clear_errors(built, changed, message, mamba_ssm, mamba_cpu):
+    layer = ssm_layer(mamba_ssm, 2, **built)
+    for name, value in changed.items():
+        setattr(layer, name, value)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 8, 16))  # mamba_ssm itself cannot run it
+    before = {k: t.clone() for k, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=f"^Mamba2 has {message}"):
         mimetic_init_(layer)
+    assert all(torch.equal(t, before[k]) for k, t in layer.state_dict().items())
+    with pytest.raises(ValueError, match=message):
+        attention_map(layer, torch.randn(1, 8, 16))
 
 
-def test_a_dt_limit_below_one_makes_delta_one_impossible_and_the_maps_clamp_as_the_layer_does():
-    with pytest.raises(ValueError, match="Δ = 1 is impossible"):
-        mimetic_init_(Mamba2(dt_limit=(0.001, 0.1)))
-    layer = mimetic_init_(Mamba2(dt_limit=(0.001, 0.1)), dt=False)
-    delta = mimetic.ssm_params(layer, torch.randn(2, 7, 16) * 100)[0]
-    assert delta.min() >= 0.001 and delta.max() <= 0.1
+@pytest.mark.long
+def test_a_class_named_as_mamba_ssms_but_from_elsewhere_is_not_taken_for_it(mamba_ssm):
+    """Layouts are keyed by the library and the class name: a user's own Mamba2 is not mamba_ssm's."""
+    theirs, elsewhere = ssm_layer(mamba_ssm, 2), type("Mamba2", (nn.Module,), {"__module__": "my_project.layers"})()
+    assert mimetic.layout_of(theirs) is not None and mimetic.layout_of(elsewhere) is None
+    with pytest.raises(TypeError, match="no Mamba layer in Mamba2"):
+        mimetic_init_(elsewhere)
 
 
-@pytest.mark.parametrize("d_ssm", [None, 16])
-def test_ssm_inputs_of_mamba_ssm_mamba2_skip_its_mlp_rows(d_ssm):
-    """x, B, C, dt, z come from their rows of in_proj, wherever its MLP rows put them (Eq. 8 holds)."""
-    torch.manual_seed(0)
-    layer, h = Mamba2(d_ssm=d_ssm), torch.randn(2, 9, 16)
-    x, dt, B, C, z = mimetic.ssm_inputs(layer, h)
-    D, rows = layer.d_ssm, layer.in_proj(h)
-    mlp = 2 * (32 - D)
-    assert torch.equal(z, rows[..., mlp:mlp + D]) and torch.equal(dt, rows[..., -layer.nheads:])
-    assert x.shape == (2, 9, layer.nheads, 8) and B.shape == C.shape == (2, 9, 2, 8) and z.shape == (2, 9, D)
-    M = attention_matrix(layer, h)
-    assert M.shape == (2, layer.nheads, 9, 9) and torch.equal(M.triu(1), torch.zeros_like(M))
-
-
-def test_layers_index_mamba_ssm_blocks_attention_included():
-    model = MambaLMHeadModel()
+@pytest.mark.long
+def test_layers_index_mamba_ssm_blocks_attention_included(mamba_ssm):
+    model = mamba_ssm_lm(mamba_ssm, 2, n_layer=4, attn_layer_idx=[2], attn_cfg=dict(num_heads=2))
+    assert type(model.backbone.layers[2].mixer).__name__ == "MHA"
     mimetic_init_(model, layers=[3])
     assert [hasattr(b.mixer, "parametrizations") for b in model.backbone.layers] == [False, False, False, True]
     with pytest.raises(ValueError, match=r"layers \[2\] are not Mamba layers of this model; its .* are \[0, 1, 3\]"):
@@ -691,6 +666,9 @@ def test_layers_index_mamba_ssm_blocks_attention_included():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mamba_ssm's modules run on CUDA")
 def test_gpu_real_mamba_ssm_modules():
+    """With mamba_ssm installed (its compiled CUDA scan and causal_conv1d): its fused kernels, not its references."""
+    if getattr(sys.modules.get("selective_scan_cuda"), "STAND_IN", False):
+        pytest.skip("mamba_ssm's compiled selective_scan_cuda is not installed (the mamba_ssm fixture's stand-in)")
     mamba_ssm = pytest.importorskip("mamba_ssm")
     for cls in (mamba_ssm.Mamba, mamba_ssm.Mamba2):
         layer = cls(d_model=64).cuda()
