@@ -562,6 +562,60 @@ def test_mamba_ssm_is_the_pinned_source_and_two_of_its_references_of_the_mamba2_
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("version", [1, 2])
+def test_inside_mamba_ssms_own_forward_the_layer_is_mimetic(version, mamba_ssm, mamba_cpu):
+    """What MambaLMHeadModel's layers hand their scans: A = −exp(−c · A_log), Δ = 1 exactly; W_C = ½(W_C′ + W_B) per
+    group, identity conv for Mamba 2 only; and the gradient reaches the raw A_log through its forward."""
+    model = mamba_ssm_lm(mamba_ssm, version)
+    mixers = [block.mixer for block in model.backbone.layers]
+    A_log = [m.A_log.detach().clone() for m in mixers]
+    proj = [m.x_proj if version == 1 else m.in_proj for m in mixers]
+    W = [p.weight.detach().clone() for p in proj]
+    mimetic_init_(model, c=4.0)
+    model(torch.randint(0, VOCAB, (2, 9))).logits.square().mean().backward()
+    assert len(mamba_cpu.scans) == 2  # one scan per layer: the loop below checks something
+    for k, seen in enumerate(mamba_cpu.scans):
+        dt = seen["delta"] + seen["delta_bias"][:, None] if version == 1 else seen["dt"] + seen["dt_bias"]
+        delta = F.softplus(dt)
+        assert torch.equal(delta, torch.ones_like(delta))
+        torch.testing.assert_close(seen["A"], -torch.exp(-4.0 * A_log[k]))
+        assert mixers[k].parametrizations.A_log.original.grad.abs().sum() > 0
+    R = mixers[0].dt_rank if version == 1 else 2 * 32  # x_proj: [dt (R), B, C]; in_proj: [z, x, B (2 groups), C, dt]
+    rows_B, rows_C = (([slice(R, R + 8)], [slice(R + 8, R + 16)]) if version == 1 else
+                      ([slice(R, R + 8), slice(R + 8, R + 16)], [slice(R + 16, R + 24), slice(R + 24, R + 32)]))
+    for b, c in zip(rows_B, rows_C):
+        torch.testing.assert_close(proj[0].weight[c], 0.5 * (W[0][c] + W[0][b]))
+        assert torch.equal(proj[0].weight[b], W[0][b])
+    conv = mixers[0].conv1d
+    identity = torch.zeros_like(conv.weight)
+    identity[:, 0, -1] = 1
+    assert (torch.equal(conv.weight, identity) and conv.bias.abs().sum() == 0) == (version == 2)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("version", [1, 2])
+def test_attention_matrix_times_the_ssm_input_is_mamba_ssms_ssm_output(version, mamba_ssm, mamba_cpu):
+    """Eq. 8 against mamba_ssm's own scan, in its LM's second layer, at its default init and after mimetic_init_."""
+    model = mamba_ssm_lm(mamba_ssm, version)
+    mixer, captured = model.backbone.layers[1].mixer, {}
+    mixer.register_forward_pre_hook(lambda module, args: captured.update(h=args[0]))
+    for initialized in (False, True):
+        if initialized:
+            mimetic_init_(model)
+        mamba_cpu.scans.clear()
+        model(torch.randint(0, VOCAB, (2, 13)))
+        seen, M = mamba_cpu.scans[1], attention_matrix(mixer, captured["h"]).detach()
+        if version == 1:  # u (b, D, L); out = (M u + D u) ⊙ SiLU(z)
+            u = seen["u"]
+            y = (torch.einsum("bdij,bdj->bdi", M, u) + seen["D"][:, None] * u) * F.silu(seen["z"])
+        else:  # x (b, L, H, P); out = M_h x_h + D_h x_h (its gate z is in the norm after the scan)
+            x = seen["x"]
+            y = torch.einsum("bhij,bjhp->bihp", M, x) + seen["D"][:, None] * x
+        assert rel_err(y, seen["out"].detach()) < 1e-5, (initialized, rel_err(y, seen["out"].detach()))
+    assert attention_map(mixer, captured["h"]).shape == attention_mask(mixer, captured["h"]).shape == (2, 13, 13)
+
+
+@pytest.mark.long
 @pytest.mark.parametrize("d_ssm", [None, 16])
 def test_ssm_inputs_of_mamba_ssm_mamba2_are_what_its_forward_hands_its_scan_and_norm(d_ssm, mamba_ssm, mamba_cpu):
     """x, dt, B, C (2 groups) and the gate z come from their rows of in_proj (with a bias), wherever its MLP rows
@@ -662,6 +716,95 @@ def test_layers_index_mamba_ssm_blocks_attention_included(mamba_ssm):
     assert [hasattr(b.mixer, "parametrizations") for b in model.backbone.layers] == [False, False, False, True]
     with pytest.raises(ValueError, match=r"layers \[2\] are not Mamba layers of this model; its .* are \[0, 1, 3\]"):
         mimetic_init_(model, layers=[2])
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("version", [1, 2])
+def test_mixer_inputs_are_each_mamba_ssm_blocks_true_input(version, mamba_ssm, mamba_cpu):
+    """Its blocks add the residual and normalize in one fused op, and have an MLP after the mixer here; one is MHA."""
+    model = mamba_ssm_lm(mamba_ssm, version, n_layer=4, attn_layer_idx=[2], attn_cfg=dict(num_heads=2),
+                         d_intermediate=32)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    for initialized in (False, True):
+        if initialized:
+            mimetic_init_(model)
+        true, seen = mamba_ssm_true_mixer_inputs(model, ids), mixer_inputs(model, ids)
+        assert list(seen) == [0, 1, 2, 3]
+        for k in range(4):
+            torch.testing.assert_close(seen[k], true[k], rtol=1e-6, atol=1e-6)
+    assert sorted(mimetic.mamba_layers(model)) == [0, 1, 3]
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("version", [1, 2])
+def test_report_moves_to_the_mimetic_side_and_mamba_ssms_own_init_undoes_none_of_it(version, mamba_ssm, mamba_cpu):
+    """mamba_ssm's own init, _init_weights (its models apply it when they are built), zeroes Linear biases except
+    those marked _no_reinit (Mamba's dt_proj.bias) and re-draws out_proj and the embedding: A, Δ (dt_proj.bias,
+    Mamba 2's dt_bias), W_B, W_C and the conv stay mimetic, unlike after transformers' init."""
+    model = mamba_ssm_lm(mamba_ssm, version)
+    ids = torch.randint(0, VOCAB, (2, 48))
+    default = mimetic_report(model, ids)
+    mimetic_init_(model)
+    mimetic, no_ids = mimetic_report(model, ids), mimetic_report(model)
+    for d, m, n in zip(default, mimetic, no_ids, strict=True):
+        assert d["delta"] < 0.2 and abs(m["delta"] - 1) < 1e-6 and m["delta_std"] < 1e-6
+        assert n["delta"] == pytest.approx(1) and n["delta_std"] == 0
+        assert abs(d["bc_cos"]) < 0.3 and 0.55 < m["bc_cos"] < 0.85 and n["bc_cos"] == m["bc_cos"]
+        assert m["mask"] > d["mask"] + 0.05 and n["mask"] is None and m["A_bar"] > 0.8
+        assert d["conv_err"] > 0.5 and (m["conv_err"] == 0) == (version == 2)
+    out_proj = model.backbone.layers[0].mixer.out_proj.weight.detach().clone()
+    model.apply(functools.partial(mamba_ssm.mixer_seq_simple._init_weights, n_layer=2))
+    assert not torch.equal(model.backbone.layers[0].mixer.out_proj.weight, out_proj)  # it did run
+    assert mimetic_report(model, ids) == mimetic
+    table = format_report(no_ids).splitlines()
+    assert len(table) == 3 and table[0].split()[:3] == ["layer", "mask", "∏Ā"] and table[1].split()[:2] == ["0", "-"]
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("version", [1, 2])
+def test_mamba_ssm_state_dicts_round_trip_and_baking_gives_a_plain_model(version, mamba_ssm, mamba_cpu):
+    model = mimetic_init_(mamba_ssm_lm(mamba_ssm, version), c=2.0)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    want = model(ids).logits.detach()
+    keys = set(model.state_dict())
+    assert "backbone.layers.0.mixer.parametrizations.A_log.original" in keys
+    assert "backbone.layers.0.mixer.parametrizations.A_log.0.c" in keys and "backbone.layers.0.mixer.A_log" not in keys
+    again = mimetic_init_(copy.deepcopy(model), c=2.0)  # a second mimetic_init_ changes nothing
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in again.state_dict().items())
+    twin = mimetic_init_(mamba_ssm_lm(mamba_ssm, version, seed=1))  # the same mimetic_init_: its state dict loads
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin(ids).logits, want)
+    with pytest.raises(RuntimeError, match="A_log"):
+        mamba_ssm_lm(mamba_ssm, version).load_state_dict(model.state_dict())  # an unmodified model cannot take it
+    bake_mimetic_A_(model)
+    assert torch.allclose(model(ids).logits, want, atol=1e-6, rtol=0)  # the same A, written into A_log
+    assert model.backbone.layers[0].mixer.A_log._no_weight_decay
+    plain = mamba_ssm_lm(mamba_ssm, version, seed=2)
+    plain.load_state_dict(model.state_dict())  # strict
+    assert torch.allclose(plain(ids).logits, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("version, groups", [(1, 1), (2, 1), (2, 2)])
+def test_our_blocks_with_mamba_ssms_weights_are_the_same_layer(version, groups, mamba_ssm, mamba_cpu):
+    """Output and input gradient of mamba_ssm's layer (on its references, fp32) and of ours with its weights (strict:
+    the same names, shapes and row layouts), at its init and mimetic (baked). test_gpu_real_mamba_ssm_modules
+    compares with its fused kernels."""
+    torch.manual_seed(0)
+    theirs = ssm_layer(mamba_ssm, version, **({"ngroups": groups} if version == 2 else {}))
+    ours = (mimetic.Mamba1(16, d_state=8) if version == 1 else
+            mimetic.Mamba2(16, d_state=8, headdim=8, ngroups=groups, chunk_size=8))
+    for initialized in (False, True):
+        if initialized:
+            bake_mimetic_A_(mimetic_init_(theirs))
+        ours.load_state_dict(theirs.state_dict())
+        h = torch.randn(2, 19, 16, requires_grad=True)
+        outputs = []
+        for layer in (theirs, ours):
+            out = layer(h)
+            grad, = torch.autograd.grad(out.square().sum(), h)
+            outputs.append((out, grad))
+        assert rel_err(outputs[1][0], outputs[0][0]) < 1e-5 and rel_err(outputs[1][1], outputs[0][1]) < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mamba_ssm's modules run on CUDA")
