@@ -121,8 +121,10 @@ def _step_config(args, arch):
         if c is None:
             sys.exit(f"preset {args.preset} has no {arch} config")
         return f"preset {args.preset} ({args.scale}), config {name}", c
-    c = train.resolve_config({"arch": arch, "device": "cpu", **({"d_state": 32} if arch == "mamba1" else {})})
-    return "the main job" + (" with Mamba 1, N = 32 (fig1's cpu config)" if arch == "mamba1" else ""), c
+    c = train.resolve_config({"arch": arch, "device": "cpu", "mimetic": args.mimetic,
+                              **({"d_state": 32} if arch == "mamba1" else {})})
+    return ("the main job" + (" with Mamba 1, N = 32 (fig1's cpu config)" if arch == "mamba1" else "")
+            + (", mimetic init" if args.mimetic else ", default init")), c
 
 
 def bench_step(args):
@@ -550,6 +552,8 @@ def main(argv=None):
                         help="step: which to time, from ours, loop, compile, rev (needs --against), revloop "
                              "(--against's mimetic.py without its kernels), hf (default: %(default)s)")
     parser.add_argument("--preset", help="step: a train.py preset's first config instead of the main job")
+    parser.add_argument("--mimetic", action="store_true", help="step: the main job with mimetic init (as train.py "
+                        "--mimetic); without it, default init")
     parser.add_argument("--scale", choices=("paper", "cpu"), help="with --preset (default: cpu) and --check (default: "
                         "paper on a GPU, cpu on a CPU)")
     parser.add_argument("--steps", type=int, help="step: timed steps per round (default: 30); check: per config (5 on "
