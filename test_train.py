@@ -332,6 +332,15 @@ def test_packed_rows_are_the_pipelines():
                 assert set(labels) <= {-100}  # the example the row's end cuts: no labels
 
 
+def test_a_checkpoint_written_before_a_flag_existed_resumes_with_its_default(tmp_path):
+    """A flag added later is absent from an older checkpoint's config: that run trained with its default."""
+    cfg = train.resolve_config({})
+    before = {k: v for k, v in cfg.items() if k != "beta2"}  # as if written before --beta2 existed
+    train.check_same_run(before, cfg, tmp_path)
+    with pytest.raises(ValueError, match="--beta2 0.95 there, 0.999 here"):
+        train.check_same_run(before, dict(cfg, beta2=0.999), tmp_path)
+
+
 def test_weight_decay_policy_and_schedules():
     model = train.build_model(train.resolve_config(dict(d_model=16, d_state=4, headdim=8)))
     for policy, decayed in (("all", 0), ("matrices", 1)):

@@ -287,6 +287,8 @@ RUN_ONLY = ("threads", "device", "stop_at", "scan_backend", "scan_backends", "no
 
 
 def check_same_run(saved, cfg, out):
+    """ValueError unless the checkpoint's config is cfg's (but for RUN_ONLY)."""
+    saved = {**DEFAULTS, **saved}  # flags added since the checkpoint: it trained with their defaults
     if diff := [k for k in cfg if k not in RUN_ONLY and saved.get(k) != cfg[k]]:
         details = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} there, {cfg[k]} here" for k in diff[:3])
         raise ValueError(f"{out} holds a run of another config ({details}); use another --out or delete it")
