@@ -259,8 +259,13 @@ LOG2E = 1.4426950408889634  # exp(x) = 2^(x log2 e)
 
 
 def _per_step(keep, L):
-    """keep (b, L) as L views (b, 1, 1, 1), one per step; L Nones without a reset."""
-    return [None] * L if keep is None else keep.T[:, :, None, None, None].unbind()
+    """keep (b, L) as L views (b, 1, 1, 1), one per step, or None where no row starts an example:
+    packed examples start at a few steps in a hundred, and the others skip a multiply by 1 (a
+    Mamba 1 step on packed rows of 220: +13% with it at every step, measured 2026-12-06)."""
+    if keep is None:
+        return [None] * L
+    starts_here = (keep == 0).any(0).tolist()  # one read of the device
+    return [k if s else None for k, s in zip(keep.T[:, :, None, None, None].unbind(), starts_here)]
 
 
 def _torch_chunk_len(u, N):
