@@ -91,6 +91,9 @@ OPTIONS = [
     ("teacher_layer", None, int, "with --pretrained: a student of --n-layers copies of this teacher layer (Fig. 11)"),
     ("pack", 0, int, "Jelassi et al.'s rows: examples BOS x SEP y STOP packed into this many tokens, lengths drawn "
      "per example (their --context_len 220); 0: one example per row (copy, stack, sort only)"),
+    ("reset_state", False, None, "with --pack: reset the Mamba layers' state and conv at each BOS, "
+     "so that each packed example is computed as if it ran alone (as mamba_ssm's seq_idx does; "
+     "Jelassi et al.'s rows share state)"),
     ("eval_lens", None, int_list, "comma-separated eval lengths (default: 1×, 2× and 4× the train length)"),
     ("steps", 4000, int, "optimizer steps"),
     ("batch_size", 32, int, "training batch size (rows)"),
@@ -287,6 +290,8 @@ RUN_ONLY = ("threads", "device", "stop_at", "scan_backend", "scan_backends", "no
 
 
 def check_same_run(saved, cfg, out):
+    """ValueError unless the checkpoint's config is cfg's (but for RUN_ONLY)."""
+    saved = {**DEFAULTS, **saved}  # flags added since the checkpoint: it trained with their defaults
     if diff := [k for k in cfg if k not in RUN_ONLY and saved.get(k) != cfg[k]]:
         details = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} there, {cfg[k]} here" for k in diff[:3])
         raise ValueError(f"{out} holds a run of another config ({details}); use another --out or delete it")
@@ -367,8 +372,9 @@ class Run:
         cfg, p = self.cfg, self.progress
         start = time.time()
         inputs, targets = self.prefetched or (t.to(self.device) for t in training_batch(cfg, self.batches))
+        new_example = pipeline.example_starts(cfg, inputs) if cfg["reset_state"] else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16"):
-            logits = self.model(inputs)
+            logits = self.model(inputs) if new_example is None else self.model(inputs, new_example)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
