@@ -14,7 +14,8 @@ and causal_conv1d(x, weight, bias, new_example), the depthwise causal conv both 
 their scan.
 
 Backends of selective_scan:
-    "ref"    the specification: a plain loop over time, differentiated by autograd (slow).
+    "ref"    the specification: mimetic.py's selective_scan_loop, a plain loop over time,
+             differentiated by autograd (slow).
     "torch"  PyTorch, one step at a time on a state updated in place, hand-written backward; runs anywhere.
     "triton" Triton forward and backward kernels (CUDA tensors, or CPU with TRITON_INTERPRET=1).
     None     what SCAN_BACKEND says: "auto" (the default) is "triton" for CUDA tensors when triton imports
@@ -227,24 +228,15 @@ def _keep(new_example, dtype):
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, new_example=None):
-    """The specification: one time step per iteration, differentiated by autograd. No input checks."""
+    """The specification: mimetic.selective_scan_loop, one time step per iteration, differentiated by
+    autograd, run in the math dtype with the D skip and the z gate around it. No input checks."""
+    from mimetic import selective_scan_loop  # here, not at the top: mimetic imports this file
     f = _math_dtype(u.dtype)
     dl = _delta(delta.to(f), None if delta_bias is None else delta_bias.to(f), delta_softplus)  # (b, D, L)
-    u_, A_ = u.to(f), A.to(f)
+    u_ = u.to(f)
     if B.dim() == 3:  # one group
         B, C = B[:, None], C[:, None]  # (b, 1, N, L)
-    R = u.shape[1] // B.shape[1]
-    B_, C_ = (X.to(f).repeat_interleave(R, dim=1) for X in (B, C))  # (b, D, N, L): channel d uses group d // R
-    h = u_.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, D, N)
-    keep = _keep(new_example, f)  # (b, L)
-    ys = []
-    for t in range(u.shape[2]):
-        a = torch.exp(dl[:, :, t, None] * A_)  # (b, D, N)
-        if keep is not None:
-            a = a * keep[:, t, None, None]
-        h = a * h + (dl[:, :, t] * u_[:, :, t])[:, :, None] * B_[..., t]
-        ys.append((h * C_[..., t]).sum(-1))  # (b, D)
-    y = torch.stack(ys, dim=-1)  # (b, D, L)
+    y, h = selective_scan_loop(u_, dl, A.to(f), B.to(f), C.to(f), new_example, return_last_state=True)
     if D is not None:
         y = y + D.to(f)[:, None] * u_
     if z is not None:
@@ -622,18 +614,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 # ----------------------------------------------------------------------------- Mamba2 (SSD)
 
 
-def segsum(x):
-    """(..., T) -> (..., T, T) with out[..., i, j] = x_{j+1} + ... + x_i for i >= j and -inf above the diagonal.
-
-    Built by cumulatively summing masked copies, so it stays exact where cs_i - cs_j of one long
-    cumsum would cancel digits. mimetic.py has its own copy of this function, so that each file stands alone.
-    """
-    T = x.shape[-1]
-    ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
-    xs = x[..., :, None].expand(*x.shape, T).masked_fill(~ones.tril(-1), 0)  # [k, j] = x_k where k > j, else 0
-    return xs.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
-
-
 def _ssd_torch(x, dl, A, B, C, Q, need_state, new_example=None):
     """Chunked SSD in the math dtype. x (b, L, H, P); dl = Δ (b, L, H); A (H,); B, C (b, L, G, N).
 
@@ -647,6 +627,7 @@ def _ssd_torch(x, dl, A, B, C, Q, need_state, new_example=None):
     example. Masking by example numbers, never subtracting log decays, keeps -inf - -inf (NaN)
     and the cancellation of large cumulative sums out; the masked terms get no gradient.
     """
+    from mimetic import segsum  # the spec's segment sums; imported here, as mimetic imports this file
     (b, L, H, P), (G, N) = x.shape, B.shape[2:]
     nc = -(-L // Q)  # ceil(L / Q) chunks
     Q = -(-L // nc)  # the shortest chunk length that still needs only nc of them

@@ -1,5 +1,6 @@
-"""mimetic_kernels.py: every backend of selective_scan and ssd_scan against the reference loop, gradients included,
-and clear errors on bad input. The Triton kernels run in Triton's interpreter on a machine without a GPU."""
+"""mimetic_kernels.py: every backend of selective_scan and ssd_scan against the reference loop (the "ref" backend,
+which is mimetic.py's selective_scan_loop), gradients included, and clear errors on bad input. The Triton kernels
+run in Triton's interpreter on a machine without a GPU."""
 import contextlib
 import importlib.util
 import os
@@ -74,6 +75,16 @@ def test_ref_matches_hand_computed_two_steps():
     y, last = kernels.selective_scan(u, delta, A, B, C, D, z, return_last_state=True, backend="ref")
     torch.testing.assert_close(y.flatten(), want)
     torch.testing.assert_close(last.flatten(), h1.reshape(1))
+
+
+def test_ref_backend_is_mimetics_readable_scan(monkeypatch):
+    """The ref backend runs the spec in mimetic.py, not a copy of it: with the softplus, D skip and z gate it is
+    mimetic.selective_scan's readable path to the bit."""
+    import mimetic
+    monkeypatch.setattr(mimetic, "use_kernels", False)
+    x = scan_inputs(G=None)
+    want = mimetic.selective_scan(*(x[k] for k in SCAN_ARGS))
+    assert torch.equal(kernels.selective_scan(**x, delta_softplus=True, backend="ref"), want)
 
 
 # ----------------------------------------------------------------------------- PyTorch backend

@@ -484,10 +484,15 @@ def batch(task, batch_size=32, length=None, seed=0, **kw):
     return make_batch(task, batch_size, length, generator=torch.Generator().manual_seed(seed), **kw)
 
 
-def test_task_names_and_vocab_sizes():
-    assert TASKS == ("copy", "stack", "mqar", "sort", "selective_copy", "induction")
-    assert [task_vocab_size(t) for t in TASKS] == [28, 28, 8192, 514, 18, 17]
-    assert task_vocab_size("copy", vocab_size=100) == 102
+@pytest.mark.parametrize("task", TASKS)
+def test_task_vocab_size_is_the_tokens_a_batch_uses(task):
+    """task_vocab_size(task, V) leaves no token out and none unused: a batch writes content tokens
+    below V and every one of the task's special tokens, V, V+1, ..., up to task_vocab_size - 1."""
+    V = 64
+    inputs, targets = batch(task, vocab_size=V)
+    used = set(inputs.unique().tolist()) | set(targets[targets != -100].unique().tolist())
+    assert max(used) + 1 == task_vocab_size(task, V)
+    assert set(range(V, task_vocab_size(task, V))) <= used
 
 
 @pytest.mark.parametrize("task", TASKS)
