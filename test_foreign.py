@@ -2,6 +2,7 @@
 (MambaForCausalLM, Mamba2ForCausalLM and their mixers) and mamba_ssm's (Mamba, Mamba2, MambaLMHeadModel,
 which need CUDA: here stand-ins with exactly their parameter names and shapes, and a GPU-only test)."""
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -538,9 +539,8 @@ def test_from_the_checkout_transformers_finds_its_own_kernels_package_and_train_
 
 @pytest.mark.long
 def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
-    import figures
-    import pipeline
     import train
+    from experiments import figures, pipeline
     hf_model(1, num_hidden_layers=3).save_pretrained(tmp_path)
     args = train.build_parser().parse_args(["--pretrained", str(tmp_path), "--vocab-size", "4"])
     c = train.resolve_config(vars(args))
@@ -553,8 +553,8 @@ def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
 
 @pytest.mark.long
 def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_layers(tmp_path, capsys):
-    import pipeline
     import train
+    from experiments import pipeline, sweep
     teacher = tmp_path / "teacher"
     hf_model(1).save_pretrained(teacher)  # no tokenizer saved: task tokens are the model's ids 0, 1, ...
     tiny = ["--pretrained", str(teacher), "--vocab-size", "4", "--train-len", "4", "--steps", "4", "--eval-every", "2",
@@ -570,8 +570,8 @@ def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_la
     student, source = pipeline.Pretrained(c), hf_model(1).backbone.layers[1]
     assert len(student.layers) == 3 and all(torch.equal(block.mixer.in_proj.weight, source.mixer.in_proj.weight)
                                             for block in student.layers)
-    mimetic_model = train.build_model({**c, "teacher_layer": None, "mimetic": True})
+    mimetic_model = train.build_model(dataclasses.replace(c, teacher_layer=None, mimetic=True))
     assert all(hasattr(block.mixer, "parametrizations") for block in mimetic_model.layers)
     capsys.readouterr()
-    train.main(["eval", str(tmp_path / "mimetic"), "--lens", "6"])  # rebuilt from the folder, then loaded
+    sweep.main(["eval", str(tmp_path / "mimetic"), "--lens", "6"])  # rebuilt from the folder, then loaded
     assert "6 |" in capsys.readouterr().out
