@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mimetic
-from conftest import HERE, rel_err
+from conftest import HERE, copy_steps, rel_err
 from mimetic import (SOFTPLUS_INV_1, attention_map, attention_matrix, bake_mimetic_A_, format_report, make_batch,
                      mimetic_init_, mimetic_report, mixer_inputs)
 
@@ -312,13 +312,8 @@ def test_report_tells_the_one_mimetic_layer_of_our_lm_from_the_others(arch, step
     config = mimetic.ModelConfig(vocab_size=mimetic.task_vocab_size("copy", 8), d_model=32, n_layers=3, arch=arch,
                                  headdim=16, d_state=16)
     model = mimetic_init_(mimetic.LM(config), layers=[1])
-    opt, g = torch.optim.AdamW(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        inputs, targets = make_batch("copy", 16, 8, vocab_size=8, generator=g)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    copy_steps(model, torch.optim.AdamW(model.parameters(), lr=3e-3), [8] * steps, 16, 8,
+               torch.Generator().manual_seed(0))
     report = mimetic_report(model, make_batch("copy", 4, 16, vocab_size=8)[0])
     others = [report[0], report[2]]
     assert all(report[1]["mask"] > r["mask"] + 0.2 and report[1]["bc_cos"] > r["bc_cos"] + 0.3 for r in others), report

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mimetic
-from conftest import rel_err
+from conftest import copy_steps, rel_err
 from mimetic import (LM, SELECTIVE_COPY_TOKENS, TASKS, Attention, LinearAttention, Mamba1, Mamba2, ModelConfig,
                      bake_mimetic_A_, evaluate, make_batch, mimetic_init_, task_vocab_size)
 
@@ -188,14 +188,7 @@ def test_fast_path_trains_like_the_readable_path(arch, monkeypatch):
         model = mimetic_init_(LM(ModelConfig(vocab_size=task_vocab_size("copy", 16), d_model=32, n_layers=2,
                                              arch=arch, d_state=16, headdim=16, chunk_size=8)))
         opt, start = optimizer(model.parameters()), {name: p.detach().clone() for name, p in model.named_parameters()}
-        g, losses = torch.Generator().manual_seed(0), []
-        for length in (3, 9, 5, 7, 2, 8):  # sequences of 5 to 19 tokens
-            inputs, targets = make_batch("copy", 8, length, vocab_size=16, generator=g)
-            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = copy_steps(model, opt, (3, 9, 5, 7, 2, 8), 8, 16, torch.Generator().manual_seed(0))  # 5-19 tokens
         return torch.tensor(losses), dict(model.named_parameters()), start
     adamw, sgd = (lambda p: torch.optim.AdamW(p, lr=3e-3)), (lambda p: torch.optim.SGD(p, lr=0.1))
     assert rel_err(train_steps(True, adamw)[0], train_steps(False, adamw)[0]) < 1e-5
@@ -386,10 +379,13 @@ def batch(task, batch_size=32, length=None, seed=0, **kw):
     return make_batch(task, batch_size, length, generator=torch.Generator().manual_seed(seed), **kw)
 
 
-def test_task_names_and_vocab_sizes():
-    assert TASKS == ("copy", "stack", "mqar", "sort", "selective_copy", "induction")
-    assert [task_vocab_size(t) for t in TASKS] == [28, 28, 8192, 514, 18, 17]
-    assert task_vocab_size("copy", vocab_size=100) == 102
+@pytest.mark.parametrize("task", TASKS)
+def test_task_vocab_size_is_the_content_tokens_and_the_special_tokens_a_batch_uses(task):
+    """The LM's embedding has a row for each token a task's batches use and no more: the content tokens
+    0..V-1, then the task's special tokens (SEP, STOP, ...), each of which its batches do use."""
+    inputs, targets = batch(task, vocab_size=64)
+    used = set(inputs.unique().tolist()) | set(targets[targets != -100].unique().tolist())
+    assert min(used) >= 0 and {t for t in used if t >= 64} == set(range(64, task_vocab_size(task, 64)))
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -667,14 +663,8 @@ def test_a_new_architecture_is_one_registry_entry_and_its_class(monkeypatch):
     assert all(isinstance(block.mixer, ToyMixer) for block in model.layers)
     hybrid = LM(ModelConfig(vocab_size=10, d_model=16, n_layers=3, arch="mamba2", pattern="MTA", headdim=8))
     assert [type(block.mixer) for block in hybrid.layers] == [Mamba2, ToyMixer, Attention]
-    opt, g, losses = torch.optim.AdamW(model.parameters(), lr=3e-2), torch.Generator().manual_seed(0), []
-    for _ in range(20):
-        inputs, targets = make_batch("copy", 16, 4, vocab_size=8, generator=g)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = copy_steps(model, torch.optim.AdamW(model.parameters(), lr=3e-2), [4] * 20, 16, 8,
+                        torch.Generator().manual_seed(0))  # (test_train.py trains it through train.py)
     assert losses[0] > 2 and losses[-1] < 0.1, losses  # from chance (ln 8 ≈ 2.08 a token) to copying
     monkeypatch.undo()
     assert "toy" not in mimetic.ARCHS
