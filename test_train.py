@@ -446,14 +446,14 @@ def test_accuracy_is_plotted_against_what_varies_within_a_curve(tmp_path):
 @pytest.mark.long
 def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp_path, capsys):
     args = [*TINY, "--steps", "2", "--eval-every", "2", "--seeds", "0,1", "--lrs", "1e-3,3e-3", "--out", str(tmp_path)]
-    train.main(args)
+    sweep.main(args)
     config = next(p for p in tmp_path.iterdir() if p.is_dir())
     assert sorted(str(p.relative_to(config)) for p in config.glob("*/seed*")) == [
         "lr0.001/seed0", "lr0.001/seed1", "lr0.003/seed0", "lr0.003/seed1"]
     for name in ("summary.csv", "summary.md", "summary.png", "summary_final.png", "summary_lengths.png"):
         assert (tmp_path / name).stat().st_size > 0
     capsys.readouterr()
-    train.main(args)
+    sweep.main(args)
     assert capsys.readouterr().out.count("skip") == 4
 
 
@@ -610,7 +610,7 @@ def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path):
 def test_a_diverging_run_is_marked_failed_and_the_sweep_goes_on(tmp_path, capsys):
     args = [*TINY, "--steps", "20", "--eval-every", "10", "--lrs", "1e9,1e-3", "--grad-clip", "0",
             "--out", str(tmp_path)]
-    train.main(args)
+    sweep.main(args)
     out = capsys.readouterr().out
     config = next(p for p in tmp_path.iterdir() if p.is_dir())
     failed = (config / "lr1e+09" / "seed0" / "failed").read_text()

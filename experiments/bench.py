@@ -398,8 +398,8 @@ def _scan_check_inputs(kind, c, dtype, device, gen):
     """Inputs of kernels.selective_scan (Mamba 1) or ssd_scan (Mamba 2) at config c's layer and batch shape."""
     import mimetic
     import train
-    length = c.pack - 1 if c.pack else mimetic.make_batch(c.task, 1, c.train_len, vocab_size=c[
-        "vocab_size"], seq_len=train.mqar_seq_len(c, c.train_len))[0].shape[1]
+    length = c.pack - 1 if c.pack else mimetic.make_batch(c.task, 1, c.train_len, vocab_size=c.vocab_size,
+                                                          seq_len=train.mqar_seq_len(c, c.train_len))[0].shape[1]
     b, D, N = c.batch_size, c.expand * c.d_model, c.d_state
     act = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
     par = lambda t: t.to(device)  # parameters stay fp32, as in the model under autocast
