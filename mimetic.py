@@ -41,36 +41,43 @@ SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimeti
 
 # ---- Selective scan (Eq. 2–3): the readable loop is the spec, mimetic_kernels.py the fast path -----
 
-def selective_scan_loop(u, delta, A, B, C):
+def selective_scan_loop(u, delta, A, B, C, new_example=None):
     """h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t  (h_{−1} = 0), step by step. u, delta: (b, D, L); A:
-    (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G). unbind() spares autograd a (b, D, L) copy a step."""
-    (b, D, _), (G, N) = u.shape, B.shape[1:3]
+    (D, N); B, C: (b, G, N, L), channel d reads group d // (D / G). unbind() spares autograd a (b, D, L) copy a step.
+    new_example (b, L) bool, True where a packed example starts: Ā_t = 0 there, h restarts at 0."""
+    (b, D, L), (G, N) = u.shape, B.shape[1:3]
     h = u.new_zeros(b, G, D // G, N)
     A = A.view(G, D // G, N)
+    starts = [None] * L if new_example is None else new_example.view(b, 1, 1, 1, L).unbind(-1)
     ys = []
-    for u_t, dt_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
+    steps = zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1), starts)
+    for u_t, dt_t, B_t, C_t, start_t in steps:
         dt_t = dt_t.view(b, G, D // G, 1)
+        if start_t is not None:  # Ā_t = 0 where an example starts: Ā_t h_{t−1} = 0
+            h = h.masked_fill(start_t, 0)
         h = torch.exp(dt_t * A) * h + dt_t * B_t[:, :, None] * u_t.view(b, G, D // G, 1)
         ys.append((h * C_t[:, :, None]).sum(-1).view(b, D))
     return torch.stack(ys, dim=-1)  # (b, D, L)
 
-def selective_scan(u, dt, A, B, C, D, z, dt_bias):
+def selective_scan(u, dt, A, B, C, D, z, dt_bias, new_example=None):
     """The Mamba 1 scan with softplus(dt + bias), the D skip and the SiLU(z) gate. B, C: (b, N, L)."""
     if use_kernels:
-        return kernels.selective_scan(u, dt, A, B, C, D, z, dt_bias, delta_softplus=True)
+        return kernels.selective_scan(u, dt, A, B, C, D, z, dt_bias, delta_softplus=True,
+                                      new_example=new_example)
     delta = F.softplus(dt + dt_bias[:, None])
-    y = selective_scan_loop(u, delta, A, B[:, None], C[:, None]) + D[:, None] * u
+    y = selective_scan_loop(u, delta, A, B[:, None], C[:, None], new_example) + D[:, None] * u
     return y * F.silu(z)
 
-def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size):
+def ssd_scan(x, dt, A, B, C, D, dt_bias, chunk_size, new_example=None):
     """The Mamba 2 scan: x (b, L, H, P), dt (b, L, H), A (H,), B, C (b, L, G, N) → y (b, L, H, P)."""
     if use_kernels:
-        return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk_size)
+        return kernels.ssd_scan(x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True,
+                                chunk_size=chunk_size, new_example=new_example)
     (b, L, H, P), N = x.shape, B.shape[-1]  # each head channel: a Mamba 1 channel whose A is the head's scalar (§2)
     u = x.permute(0, 2, 3, 1).reshape(b, H * P, L)  # (b, H·P, L)
     delta = F.softplus(dt + dt_bias).transpose(1, 2).repeat_interleave(P, dim=1)  # (b, H·P, L)
     A = A.repeat_interleave(P)[:, None].expand(H * P, N)  # (H·P, N)
-    y = selective_scan_loop(u, delta, A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1))
+    y = selective_scan_loop(u, delta, A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), new_example)
     return y.view(b, H, P, L).permute(0, 3, 1, 2) + D[:, None] * x  # (b, L, H, P)
 
 
@@ -92,11 +99,19 @@ class RMSNorm(nn.Module):
 
 # ---- Selective state space layers --------------------------------------------------------------------------
 
-def causal_conv(layer, x):
-    """layer.conv1d cut to the first L steps (causal): x (b, L, C) → (b, L, C); kernels.causal_conv1d: same, faster."""
+def causal_conv(layer, x, new_example=None):
+    """layer.conv1d cut to the first L steps (causal): x (b, L, C) → (b, L, C); kernels.causal_conv1d: same, faster.
+    new_example (b, L) bool: a tap that would read a token before t's example starts reads 0."""
     if use_kernels:
-        return kernels.causal_conv1d(x, layer.conv1d.weight, layer.conv1d.bias)
-    return layer.conv1d(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
+        return kernels.causal_conv1d(x, layer.conv1d.weight, layer.conv1d.bias, new_example)
+    if new_example is None:
+        return layer.conv1d(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
+    K, bias = layer.conv1d.kernel_size[0], layer.conv1d.bias  # tap k at t reads x[t − K + 1 + k]
+    taps = F.pad(x, (0, 0, K - 1, 0)).unfold(1, K, 1)  # (b, L, C, K), 0 before the row starts
+    example = F.pad(new_example.cumsum(1), (K - 1, 0)).unfold(1, K, 1)  # (b, L, K): their example
+    taps = taps * (example == example[..., -1:])[:, :, None]  # 0 before t's example starts, too
+    out = (taps * layer.conv1d.weight[:, 0]).sum(-1)  # (b, L, C)
+    return out if bias is None else out + bias
 
 def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
@@ -106,9 +121,14 @@ def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
     dt = log_dt.exp().clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(Δ) = Δ + log(1 − e^{−Δ})
 
-def _check_input(hidden_states, d_model):
+def _check_input(hidden_states, d_model, new_example=None):
     if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
         raise ValueError(f"hidden_states must be (batch, length, {d_model}), got {tuple(hidden_states.shape)}")
+    if new_example is not None and (new_example.dtype != torch.bool
+                                    or new_example.shape != hidden_states.shape[:2]):
+        raise ValueError(f"new_example must be a bool (batch, length) tensor, got "
+                         f"{new_example.dtype} {tuple(new_example.shape)} for hidden_states "
+                         f"{tuple(hidden_states.shape)}")
 
 class SelectiveSSM(nn.Module):
     """What Mamba 1 and 2 share: A, mimetic (§3.1) while mimetic_c is set (by mimetic_init_, till bake_mimetic_A_)."""
@@ -141,14 +161,15 @@ class Mamba1(SelectiveSSM):
         self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as the reference: decay would move A
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
-    def forward(self, hidden_states):
-        _check_input(hidden_states, self.d_model)
+    def forward(self, hidden_states, new_example=None):  # new_example: see LM.forward
+        _check_input(hidden_states, self.d_model, new_example)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, L, D) each
-        x = F.silu(causal_conv(self, x))
+        x = F.silu(causal_conv(self, x, new_example))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.T  # (b, L, D): W_Δ X; the scan adds b_Δ
         x, dt, B, C, z = (t.transpose(1, 2) for t in (x, dt, B, C, z))  # time last: (b, D or N, L)
-        y = selective_scan(x, dt, self.A, B, C, self.D.float(), z, self.dt_proj.bias.float())
+        y = selective_scan(x, dt, self.A, B, C, self.D.float(), z, self.dt_proj.bias.float(),
+                           new_example)
         return self.out_proj(y.transpose(1, 2))  # (b, L, d_model)
 
 class Mamba2(SelectiveSSM):
@@ -172,13 +193,14 @@ class Mamba2(SelectiveSSM):
         self.norm = RMSNorm(D, eps=1e-5, group_size=D // G)
         self.out_proj = nn.Linear(D, d_model, bias=bias)
 
-    def forward(self, hidden_states):
-        _check_input(hidden_states, self.d_model)
+    def forward(self, hidden_states, new_example=None):  # new_example: see LM.forward
+        _check_input(hidden_states, self.d_model, new_example)
         D, G, N, H = self.d_inner, self.ngroups, self.d_state, self.nheads
         z, xBC, dt = self.in_proj(hidden_states).split([D, D + 2 * G * N, H], dim=-1)  # dt: (b, L, H)
-        x, B, C = F.silu(causal_conv(self, xBC)).split([D, G * N, G * N], dim=-1)
+        x, B, C = F.silu(causal_conv(self, xBC, new_example)).split([D, G * N, G * N], dim=-1)
         x, B, C = x.unflatten(-1, (H, self.headdim)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
-        y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size)  # (b, L, H, P)
+        y = ssd_scan(x, dt, self.A, B, C, self.D.float(), self.dt_bias.float(), self.chunk_size,
+                     new_example)  # (b, L, H, P)
         return self.out_proj(self.norm(y.reshape(*z.shape), z))  # norm(y · SiLU(z)) (b, L, D) → (b, L, d_model)
 
 
@@ -306,8 +328,9 @@ class Block(nn.Module):
         super().__init__()
         self.norm, self.mixer = RMSNorm(d_model), mixer
 
-    def forward(self, h):
-        return h + self.mixer(self.norm(h))
+    def forward(self, h, new_example=None):  # passed on only when given: attention takes none
+        return h + (self.mixer(self.norm(h)) if new_example is None else
+                    self.mixer(self.norm(h), new_example=new_example))
 
 class LM(nn.Module):
     """A token model, initialized as the reference Mamba LM is."""
@@ -332,12 +355,16 @@ class LM(nn.Module):
                 with torch.no_grad():
                     p /= math.sqrt(config.n_layers)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, new_example=None):
+        """Logits (b, L, vocab_size). new_example: None (each row one sequence), or (b, L) bool,
+        True where a packed example starts (e.g. input_ids == BOS; where mamba_ssm's seq_idx
+        changes): the Mamba layers' scans and convs reset there, so each example of a row is
+        computed as if it ran alone. Attention layers take no new_example (a hybrid raises)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got {tuple(input_ids.shape)}")
         h = self.embedding(input_ids)
         for block in self.layers:
-            h = block(h)
+            h = block(h, new_example)
         return self.lm_head(self.norm_f(h))  # (b, L, vocab_size)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mimetic_kernels as kernels
-from conftest import HERE, rel_err
+from conftest import HERE, new_example_at, packed_and_alone, rel_err
 
 # ---------------------------------------------------------------------------------------------------
 # mimetic_kernels.py: every backend against the reference loop, gradients included
@@ -42,11 +42,12 @@ def scan_inputs(b=2, dim=8, N=5, L=37, G=2, z=True, D=True, bias=True, dtype=tor
     return {k: None if v is None else v.to(device, dtype if k in act else torch.float32) for k, v in x.items()}
 
 
-def run_scan(inputs, backend, softplus=True, seed=1, autocast=False):
+def run_scan(inputs, backend, softplus=True, seed=1, autocast=False, new_example=None):
     """Output, last state and the gradient of every input for a fixed random linear loss."""
     leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # forward only, as PyTorch advises
-        y, last = kernels.selective_scan(**leaves, delta_softplus=softplus, return_last_state=True, backend=backend)
+        y, last = kernels.selective_scan(**leaves, delta_softplus=softplus, return_last_state=True,
+                                         new_example=new_example, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     wy, wl = (torch.randn(t.shape, generator=gen).to(t.device) for t in (y, last))
     ((y.float() * wy).sum() + (last * wl).sum()).backward()
@@ -197,11 +198,12 @@ def ssd_inputs(b=2, L=45, H=4, P=3, G=2, N=5, D=True, bias=True, dtype=torch.flo
     return {k: None if v is None else v.to(device, dtype if k in act else torch.float32) for k, v in x.items()}
 
 
-def run_ssd(inputs, backend, softplus=True, chunk_size=16, seed=1, autocast=False):
+def run_ssd(inputs, backend, softplus=True, chunk_size=16, seed=1, autocast=False,
+            new_example=None):
     leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y, last = kernels.ssd_scan(**leaves, dt_softplus=softplus, chunk_size=chunk_size, return_last_state=True,
-                                   backend=backend)
+                                   new_example=new_example, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     wy, wl = (torch.randn(t.shape, generator=gen).to(t.device) for t in (y, last))
     ((y.float() * wy).sum() + (last * wl).sum()).backward()
@@ -267,6 +269,96 @@ def test_causal_conv1d_is_nn_conv1d_cut_to_length(bias):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert kernels.causal_conv1d(x.bfloat16(), conv.weight, conv.bias).dtype == conv(x.transpose(1, 2)).dtype
+
+
+# ----------------------------------------------------------------------------- a reset at example starts
+
+# 2 rows of 37 steps: starts on chunk edges (16, with chunks of 8 or 16) and inside chunks, a one-step
+# example (16), one at the last step, and a first example with no flag (row 1's steps 0-2)
+PACKED_STARTS = ([0, 5, 16, 17, 30], [3, 15, 36])
+SCAN_TIME = dict(u=2, delta=2, B=3, C=3, z=2, out=2)  # the time axis of selective_scan's tensors
+SSD_TIME = dict(x=1, dt=1, B=1, C=1, out=1)
+
+
+def test_ref_with_new_example_runs_each_example_alone():
+    """The spec, in fp64: with new_example, each packed example's output and input gradients are those
+    of the example run alone, and the parameter gradients their sum; without it, examples share state."""
+    x = {k: v.double() for k, v in scan_inputs(L=37).items()}
+    ref = lambda new_example, **x: kernels.selective_scan(**x, delta_softplus=True,
+                                                          new_example=new_example, backend="ref")
+    packed, alone = packed_and_alone(ref, x, SCAN_TIME, new_example_at(37, *PACKED_STARTS))
+    assert_all_close(packed, alone, 1e-12)
+    assert rel_err(ref(None, **x), alone["out"]) > 0.1
+
+
+@pytest.mark.parametrize("chunk", [8, 1])
+def test_torch_backend_with_new_example_matches_ref(chunk, monkeypatch):
+    monkeypatch.setattr(kernels, "TORCH_CHUNK", chunk)  # the backward recomputes chunks of states
+    x, new_example = scan_inputs(L=37), new_example_at(37, *PACKED_STARTS)
+    assert_all_close(run_scan(x, "torch", new_example=new_example),
+                     run_scan(x, "ref", new_example=new_example), 1e-5)
+
+
+@needs_triton
+@pytest.mark.long
+def test_triton_backend_with_new_example_matches_ref(device, monkeypatch):
+    monkeypatch.setattr(kernels, "TRITON_CHUNK", 16)
+    x, new_example = scan_inputs(L=37, device=device), new_example_at(37, *PACKED_STARTS).to(device)
+    assert_all_close(run_scan(x, "triton", new_example=new_example),
+                     run_scan(x, "ref", new_example=new_example), 1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 8, 16, 37, 64])  # 37, 8, 5, 3, 1 and 1 chunks
+def test_ssd_torch_with_new_example_matches_ref_at_any_chunk_size(chunk_size):
+    """Outputs, last state and gradients. An SSD that cut the state with a huge negative log decay and
+    then subtracted cumulative sums would lose every digit of the steps after a start."""
+    x, new_example = ssd_inputs(L=37), new_example_at(37, *PACKED_STARTS)
+    assert_all_close(run_ssd(x, "torch", chunk_size=chunk_size, new_example=new_example),
+                     run_ssd(x, "ref", new_example=new_example), 1e-5)
+
+
+def test_ssd_torch_with_new_example_runs_each_example_alone():
+    x = {k: v.double() for k, v in ssd_inputs(L=37).items()}
+    ssd = lambda new_example, **x: kernels.ssd_scan(**x, dt_softplus=True, chunk_size=8,
+                                                    new_example=new_example, backend="torch")
+    packed, alone = packed_and_alone(ssd, x, SSD_TIME, new_example_at(37, *PACKED_STARTS))
+    assert_all_close(packed, alone, 1e-12)
+    assert rel_err(ssd(None, **x), alone["out"]) > 0.1
+
+
+def test_causal_conv1d_with_new_example_runs_each_example_alone():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    conv1d = lambda x, new_example: kernels.causal_conv1d(x, conv.weight, conv.bias, new_example)
+    x = torch.randn(2, 20, 6, dtype=torch.float64)
+    new_example = new_example_at(20, [0, 2, 3, 9], [5, 19])  # examples of 1 to 11 steps
+    packed, alone = packed_and_alone(conv1d, dict(x=x), dict(x=1, out=1), new_example,
+                                     list(conv.parameters()))
+    assert_all_close(packed, alone, 1e-12)
+    assert rel_err(conv1d(x, None), alone["out"]) > 0.1
+
+
+def test_new_example_where_nothing_is_carried_changes_no_bit():
+    """One example per row (a start at step 0 only): each fast path gives, bit for bit, the outputs
+    and gradients it gives without new_example; masking only multiplies by 1 or drops a zero state."""
+    first = new_example_at(37, [0], [0])
+    x, xs = scan_inputs(L=37), ssd_inputs(L=37)
+    for got, want in ((run_scan(x, "torch", new_example=first), run_scan(x, "torch")),
+                      (run_ssd(xs, "torch", chunk_size=8, new_example=first),
+                       run_ssd(xs, "torch", chunk_size=8))):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    u, weight, bias = torch.randn(2, 37, 6), torch.randn(6, 1, 4), torch.randn(6)
+    assert torch.equal(kernels.causal_conv1d(u, weight, bias, first),
+                       kernels.causal_conv1d(u, weight, bias))
+
+
+def test_new_example_must_be_a_bool_mask_of_batch_by_length():
+    for bad, match in ((torch.zeros(2, 37, dtype=torch.int32), "bool tensor"),  # mamba_ssm's seq_idx
+                       (torch.zeros(2, 36, dtype=torch.bool), r"shape \(batch, L\) = \(2, 37\)")):
+        with pytest.raises(ValueError, match=match):
+            kernels.selective_scan(**scan_inputs(L=37), new_example=bad)
+        with pytest.raises(ValueError, match=match):
+            kernels.ssd_scan(**ssd_inputs(L=37), new_example=bad)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -406,14 +498,17 @@ import contextlib, io, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import mimetic_kernels as kernels
-fp32 = ("A_ptr", "D_ptr", "bias_ptr", "last_ptr", "starts_ptr", "scratch_ptr", "dlast_ptr", "dA_ptr", "dB_ptr",
-        "dC_ptr", "dD_ptr", "dbias_ptr")
+fp32 = ("A_ptr", "D_ptr", "bias_ptr", "keep_ptr", "last_ptr", "starts_ptr", "scratch_ptr", "dlast_ptr",
+        "dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr")
+variants = [(fn, reset) for fn in (kernels._scan_fwd_kernel, kernels._scan_bwd_kernel)
+            for reset in (False, True)]  # reset: with keep_ptr (new_example), else keep_ptr None
 for dim, N in ((2048, 32), (128, 16)):  # the paper's Mamba 1 layer, and the Mamba paper's small one
     block_d, block_n, warps = kernels._triton_blocks(64, dim, 1, N)
     for capability in (80, 90):
         for act in ("fp32", "bf16"):
-            for fn in (kernels._scan_fwd_kernel, kernels._scan_bwd_kernel):
-                constants = dict(SOFTPLUS=True, CHUNK=kernels.TRITON_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+            for fn, reset in variants:
+                constants = dict(SOFTPLUS=True, CHUNK=kernels.TRITON_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n,
+                                 **({} if reset else dict(keep_ptr=None)))
                 signature = {a: "constexpr" if a in constants else "i32" if not a.endswith("_ptr") else
                              "*fp32" if a in fp32 else "*" + act for a in fn.arg_names}
                 log = io.StringIO()  # ptxas -v's report, which Triton prints under TRITON_DUMP_PTXAS_LOG=1
@@ -423,16 +518,18 @@ for dim, N in ((2048, 32), (128, 16)):  # the paper's Mamba 1 layer, and the Mam
                 registers = re.findall(r"Used (\\d+) registers", log.getvalue())
                 spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", log.getvalue())]
                 assert registers and spills, "no ptxas report: " + log.getvalue()
-                print(f"sm_{capability} {fn.__name__} {act} D={dim} N={N} block {block_d}x{block_n} warps {warps}: "
-                      f"{registers[0]} registers, {max(spills)} bytes spilled")
+                print(f"sm_{capability} {fn.__name__}{' reset' * reset} {act} D={dim} N={N} "
+                      f"block {block_d}x{block_n} warps {warps}: {registers[0]} registers, "
+                      f"{max(spills)} bytes spilled")
 """
 
 
 @pytest.mark.long
 @pytest.mark.skipif(kernels.triton is None, reason="needs triton")
 def test_triton_kernels_compile_for_sm80_and_sm90(capsys):
-    """The interpreter runs code that the GPU compiler may still reject: compile both kernels to PTX and a
-    cubin for the A100 (sm_80) and H100 (sm_90) on this CPU, no GPU needed, and print registers and spills."""
+    """The interpreter runs code that the GPU compiler may still reject: compile both kernels, with
+    and without new_example's reset, to PTX and a cubin for the A100 (sm_80) and H100 (sm_90) on this
+    CPU, no GPU needed, and print registers and spills."""
     with tempfile.TemporaryDirectory() as cache:  # an empty cache: every kernel goes through ptxas
         env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_CACHE_DIR": cache,
                "TRITON_DUMP_PTXAS_LOG": "1"}
@@ -442,7 +539,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90(capsys):
     lines = done.stdout.splitlines()
     with capsys.disabled():  # into CI's log
         print("\n" + "\n".join(lines))
-    assert len(lines) == 16 and all(line.endswith(" 0 bytes spilled") for line in lines)
+    assert len(lines) == 32 and all(line.endswith(" 0 bytes spilled") for line in lines)
 
 
 # ----------------------------------------------------------------------------- GPU only (run on a GPU later)
@@ -468,6 +565,20 @@ def test_gpu_triton_matches_ref_and_is_default(device):
 def test_gpu_ssd_long(device):
     x = ssd_inputs(b=2, L=2000, H=8, P=16, G=2, N=32, device=device)
     assert_all_close(run_ssd(x, "torch", chunk_size=64), run_ssd(x, "triton", chunk_size=64), 1e-5)
+
+
+@needs_cuda
+def test_gpu_scans_with_new_example_long(device):
+    """Triton's scan with resets (also the SSD's "triton" backend) against the torch backends, at 2000
+    steps of examples about 50 long."""
+    starts = torch.rand(2, 2000, generator=torch.Generator().manual_seed(0)) < 0.02
+    new_example = starts.to(device)
+    x = scan_inputs(b=2, dim=64, N=16, L=2000, G=1, device=device)
+    assert_all_close(run_scan(x, "triton", new_example=new_example),
+                     run_scan(x, "torch", new_example=new_example), 1e-5)
+    xs = ssd_inputs(b=2, L=2000, H=8, P=16, G=2, N=32, device=device)
+    assert_all_close(run_ssd(xs, "torch", chunk_size=64, new_example=new_example),
+                     run_ssd(xs, "triton", chunk_size=64, new_example=new_example), 1e-5)
 
 
 @needs_cuda

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mimetic
-from conftest import copy_steps, rel_err
+from conftest import copy_steps, new_example_at, packed_and_alone, rel_err
 from mimetic import (LM, SELECTIVE_COPY_TOKENS, TASKS, Attention, LinearAttention, Mamba1, Mamba2, ModelConfig,
                      bake_mimetic_A_, evaluate, make_batch, mimetic_init_, task_vocab_size)
 
@@ -215,6 +215,104 @@ def test_lm_forward_and_backward_under_bf16_autocast_stay_close_to_fp32(layers, 
     (want, want_grad), (got, got_grad) = runs
     assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
     assert 1e-4 < rel_err(got, want) < 3e-2 and rel_err(got_grad, want_grad) < 3e-2  # > 1e-4: bf16 did run
+
+
+# A state reset where packed examples start: new_example (mamba_ssm's seq_idx)
+
+# 2 rows of 37 tokens: starts on chunk edges (chunks of 8) and inside chunks, a one-token example (16),
+# one at the last token, and a first example with no flag (row 1's tokens 0-2)
+PACKED_STARTS = ([0, 5, 16, 17, 30], [3, 15, 36])
+
+
+def test_new_example_makes_the_scans_and_the_conv_compute_each_packed_example_alone(scan_path):
+    """The spec (and the fast path) in fp64: with new_example, the Mamba 1 scan, the Mamba 2 scan and
+    the conv give each packed example the outputs and input gradients of the example run alone, and
+    parameter gradients that are their sum over the examples; without it, they differ."""
+    torch.manual_seed(0)
+    b, L, D, H, P, G, N = 2, 37, 6, 2, 3, 2, 4
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64)
+    layer = Mamba2(8, d_state=N, headdim=4).double()  # its conv1d: 16 + 2·4 channels, 4 taps
+    mamba1 = dict(u=r(b, D, L), dt=r(b, D, L), A=-r(D, N).exp(), B=r(b, N, L), C=r(b, N, L), D=r(D),
+                  z=r(b, D, L), dt_bias=r(D))
+    mamba2 = dict(x=r(b, L, H, P), dt=r(b, L, H), A=-r(H).exp(), B=r(b, L, G, N), C=r(b, L, G, N),
+                  D=r(H), dt_bias=r(H))
+    cases = [  # (function, inputs, their time axes, parameters it reads itself)
+        (lambda new_example, **x: mimetic.selective_scan(**x, new_example=new_example), mamba1,
+         dict(u=2, dt=2, B=2, C=2, z=2, out=2), []),
+        (lambda new_example, **x: mimetic.ssd_scan(**x, chunk_size=8, new_example=new_example), mamba2,
+         dict(x=1, dt=1, B=1, C=1, out=1), []),
+        (lambda x, new_example: mimetic.causal_conv(layer, x, new_example), dict(x=r(b, L, 24)),
+         dict(x=1, out=1), list(layer.conv1d.parameters()))]
+    new_example = new_example_at(L, *PACKED_STARTS)
+    for fn, inputs, time_dims, params in cases:
+        packed, alone = packed_and_alone(fn, inputs, time_dims, new_example, params)
+        assert max(rel_err(packed[k], alone[k]) for k in packed) < 1e-12
+        assert rel_err(fn(**inputs, new_example=None), alone["out"]) > 0.1
+
+
+def small_lm(arch):
+    return LM(ModelConfig(vocab_size=12, d_model=16, n_layers=2, arch=arch, d_state=4, headdim=8,
+                          chunk_size=8))
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_lm_with_new_example_computes_each_packed_example_alone(arch, scan_path):
+    """The LM in fp64, logits and every parameter's gradient. Within 1e-6, not 1e-12: RMSNorm computes
+    in fp32 even for fp64 weights, where a matmul's last bits, which depend on the batch's shape, can
+    round differently."""
+    torch.manual_seed(0)
+    model = small_lm(arch).double()
+    ids, new_example = torch.randint(0, 12, (2, 37)), new_example_at(37, *PACKED_STARTS)
+    run = lambda input_ids, new_example: model(input_ids, new_example)
+    packed, alone = packed_and_alone(run, dict(input_ids=ids), dict(input_ids=1, out=1), new_example,
+                                     list(model.parameters()))
+    assert len(packed) == 1 + len(list(model.parameters()))
+    assert max(rel_err(packed[k], alone[k]) for k in packed) < 1e-6
+    assert rel_err(model(ids), alone["out"]) > 0.1
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_new_example_on_the_fast_path_matches_the_readable_path(arch, monkeypatch):
+    """fp32, packed rows with resets: mimetic_kernels.py gives the readable path's numbers."""
+    monkeypatch.setattr(mimetic.kernels, "TORCH_CHUNK", 8)
+    torch.manual_seed(0)
+    model = small_lm(arch)
+    ids, new_example = torch.randint(0, 12, (2, 37)), new_example_at(37, *PACKED_STARTS)
+    runs = []
+    for fast in (True, False):
+        monkeypatch.setattr(mimetic, "use_kernels", fast)
+        model.zero_grad()
+        logits = model(ids, new_example)
+        logits.square().mean().backward()
+        runs.append((logits, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (fast, fast_grad), (readable, readable_grad) = runs
+    assert rel_err(fast, readable) < 1e-5 and rel_err(fast_grad, readable_grad) < 1e-5
+
+
+def test_new_example_with_one_example_per_row_changes_nothing(scan_path):
+    """A start at the first token only resets a state that is 0 anyway: on the fast path the logits
+    are bit for bit those without new_example; mimetic.py's own conv then sums its taps in another
+    order (1e-16 apart in fp64)."""
+    torch.manual_seed(0)
+    for arch in ("mamba1", "mamba2"):
+        model = small_lm(arch)
+        ids, first = torch.randint(0, 12, (2, 37)), new_example_at(37, [0], [0])
+        if scan_path == "kernels":
+            assert torch.equal(model(ids, first), model(ids))
+        layer = model.layers[0].mixer.double()
+        x = torch.randn(2, 37, layer.conv1d.in_channels, dtype=torch.float64)
+        assert rel_err(mimetic.causal_conv(layer, x, first), mimetic.causal_conv(layer, x)) < 1e-14
+
+
+def test_new_example_must_be_a_bool_mask_of_the_rows():
+    layer, h = Mamba2(8, d_state=4, headdim=4), torch.randn(2, 5, 8)
+    seq_idx, too_long = torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2, 6, dtype=torch.bool)
+    for bad in (seq_idx, too_long):
+        with pytest.raises(ValueError, match=r"new_example must be a bool \(batch, length\) tensor"):
+            layer(h, bad)
+    hybrid = LM(ModelConfig(vocab_size=12, d_model=16, n_layers=2, pattern="MA", headdim=8))
+    with pytest.raises(TypeError, match="new_example"):  # attention takes none
+        hybrid(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.bool))
 
 
 @pytest.mark.long

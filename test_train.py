@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -148,6 +148,9 @@ def test_ctrl_c_stops_at_a_step_boundary_writes_the_outputs_and_the_same_command
     (["--task", "mqar", "--vocab-size", "128", "--mqar-tokens-per-pair", "3"], "seq_len"),
     (["--task", "mqar", "--pack", "220"], "--pack"),
     (["--pack", "10"], "cannot hold"),
+    (["--reset-state"], "it needs --pack"),
+    (["--pack", "20", "--reset-state", "--pattern", "MA"], "attention"),
+    (["--pack", "20", "--reset-state", "--pretrained", "hub/model"], "--pretrained"),
     (["--layer-d-state", "5:8"], "layer_d_state"),
     (["--preset", "fig1"], "unrecognized arguments: --preset fig1"),  # a grid's flag: experiments.sweep's
 ])
@@ -327,6 +330,40 @@ def test_packed_rows_are_the_pipelines():
                 assert set(labels) <= {-100}  # the example the row's end cuts: no labels
 
 
+def test_reset_state_gives_the_model_each_bos_as_a_new_example(monkeypatch):
+    """--reset-state: each training batch reaches the model with new_example = (inputs == BOS), which
+    changes the loss of rows that hold more than one labeled example; without it, the model sees the
+    inputs alone, as before the flag existed."""
+    calls, forward = [], mimetic.LM.forward
+    spy = lambda model, input_ids, new_example=None: calls.append(new_example) or forward(
+        model, input_ids, new_example)
+    monkeypatch.setattr(mimetic.LM, "forward", spy)
+    losses = {}
+    for reset in (False, True):
+        run = train.Run(train.resolve_config(dict(d_model=16, d_state=4, headdim=8, vocab_size=4, train_len=4,
+                                                  batch_size=8, pack=30, reset_state=reset, threads=1,
+                                                  device="cpu")))
+        inputs, _ = train.training_batch(run.cfg, torch.Generator().manual_seed(0))  # its first batch
+        calls.clear()
+        run.train_step()
+        losses[reset] = run.read_losses()[1]
+        new_example, = calls
+        if reset:  # BOS = 4 content tokens + SEP, STOP; two or more examples a row
+            assert torch.equal(new_example, inputs == 6) and new_example.sum() >= 2 * len(inputs)
+        else:
+            assert new_example is None
+    assert run.cfg.reset_state and abs(losses[True] - losses[False]) > 1e-4
+
+
+def test_a_checkpoint_written_before_a_flag_existed_resumes_with_its_default(tmp_path):
+    """A flag added later is absent from an older checkpoint's config: that run trained with its default."""
+    cfg = train.resolve_config({})
+    before = {k: v for k, v in asdict(cfg).items() if k != "beta2"}  # as if written before --beta2 existed
+    train.check_same_run(before, cfg, tmp_path)
+    with pytest.raises(ValueError, match="--beta2 0.95 there, 0.999 here"):
+        train.check_same_run(before, replace(cfg, beta2=0.999), tmp_path)
+
+
 def test_weight_decay_policy_and_schedules():
     model = train.build_model(train.resolve_config(dict(d_model=16, d_state=4, headdim=8)))
     for policy, decayed in (("all", 0), ("matrices", 1)):
@@ -483,6 +520,16 @@ def test_a_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_pa
     assert resumed.returncode == 0 and f"resuming {killed} from step {step}" in resumed.stdout, resumed.stdout[-2000:]
     same = lambda rows: [{k: r[k] for k in ("step", "loss", *figures.METRICS)} for r in rows]
     assert 0 < step < 150 and same(rows_of(killed)) == same(rows_of(tmp_path / "whole"))
+
+
+@pytest.mark.long
+def test_a_packed_run_with_reset_state_trains_and_records_it(tmp_path):
+    out = tmp_path / "reset"
+    train.main([*TINY, "--steps", "6", "--eval-every", "3", "--pack", "30", "--reset-state",
+                "--out", str(out)])
+    rows, config = rows_of(out), json.loads((out / "config.json").read_text())
+    assert config["reset_state"] and config["pack"] == 30 and (out / "done").exists()
+    assert [r["step"] for r in rows] == [0, 3, 6] and all(math.isfinite(r["loss"]) for r in rows[1:])
 
 
 @pytest.mark.long

@@ -25,17 +25,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (read once, as torch loads): with spinning, a step on 2 threads
-# while another process keeps one core busy was 16-40× slower than on 1 (bench.py --only threads).
+# while another process keeps one core busy was 16-40× slower than on 1 (experiments/bench.py --only threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
 
 import mimetic
-from experiments import pipeline
+from experiments import figures, pipeline
+from experiments.runtime import (StopRequest, append_metrics, default_threads, fail, load_checkpoint,
+                                 print_table, save_checkpoint, write_metrics)
 from mimetic import (ARCHS, COPY_TASKS, LM, METRICS, TASKS, ModelConfig, evaluate, format_report, make_batch,
                      mimetic_init_, mimetic_report, task_vocab_size)
-from experiments.runtime import (StopRequest, append_metrics, default_threads, fail, load_checkpoint, print_table,
-                     save_checkpoint, write_metrics)
 
 PARTS = ("A", "dt", "bc", "conv")
 
@@ -93,6 +93,8 @@ class Config:
                                        "layer (Fig. 11)", int)
     pack: int = option(0, "Jelassi et al.'s rows: examples BOS x SEP y STOP packed into this many tokens, lengths "
                        "drawn per example (their --context_len 220); 0: one example per row (copy, stack, sort only)")
+    reset_state: bool = option(False, "with --pack: a fresh Mamba state and conv at each BOS, as if each "
+                               "example ran alone (mamba_ssm's seq_idx; the pipeline's rows share state)")
     eval_lens: list | None = option(None, "eval lengths (default: 1×, 2× and 4× the train length)", int_list)
     # the optimizer and its schedule
     steps: int = option(4000, "optimizer steps")
@@ -157,8 +159,7 @@ def resolve_config(config):
     """One run's Config from a dict of flags (the rest take their defaults, other keys are ignored): the
     fields left None filled in, the combinations checked (ValueError naming the problem)."""
     cfg = Config(**{f.name: config[f.name] for f in fields(Config) if f.name in config})
-    letter = ARCHS[cfg.arch].letter
-    if letter != "M":  # a model of attention (A), linear attention (L), ...: its pattern, as a hybrid's
+    if (letter := ARCHS[cfg.arch].letter) != "M":  # attention (A), linear (L), ...: a pattern, as hybrids
         cfg.pattern = cfg.pattern or letter * cfg.n_layers
     for name in ("d_state", "headdim", "expand"):  # the flags left unset: the arch's, from the one table
         if getattr(cfg, name) is None:
@@ -293,7 +294,7 @@ class Diverged(RuntimeError):
 
 def check_same_run(saved, cfg, out):
     """ValueError unless the config saved in a run folder's checkpoint is this one (the machine aside)."""
-    here = asdict(cfg)
+    here, saved = asdict(cfg), {**asdict(Config()), **saved}  # a flag added since: it trained with its default
     if diff := [k for k in here if k not in RUN_ONLY and saved.get(k) != here[k]]:
         details = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} there, {here[k]} here" for k in diff[:3])
         raise ValueError(f"{out} holds a run of another config ({details}); use another --out or delete it")
@@ -371,8 +372,9 @@ class Run:
         cfg, p = self.cfg, self.progress
         start = time.time()
         inputs, targets = self.prefetched or (t.to(self.device) for t in training_batch(cfg, self.batches))
+        new_example = pipeline.example_starts(cfg, inputs) if cfg.reset_state else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            logits = self.model(inputs)
+            logits = self.model(inputs) if new_example is None else self.model(inputs, new_example)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,7 +441,6 @@ class Run:
             (self.out / name).write_text(json.dumps(rows, indent=2))
 
     def plot_attention(self, when, name):
-        from experiments import figures  # matplotlib, only for a run that writes its folder
         panels = figures.attention_panels(self.model, example_inputs(self.cfg).to(self.device))
         figures.plot_attention(panels, f"{run_name(self.cfg)} {when}", self.out / name)
 
@@ -467,7 +468,6 @@ class Run:
             (out / "checkpoint_prev.pt").unlink(missing_ok=True)
         self.plot_attention(f"at step {self.step}", "attention_final.png")
         shown = rows + ([final] if final is not rows[-1] else [])
-        from experiments import figures
         figures.plot_accuracy([(run_name(cfg), cfg.train_len, [shown])], out / "accuracy.png", run_name(cfg))
         if failure or not stopped:
             (out / ("failed" if failure else "done")).write_text((failure or "finished") + "\n")
@@ -480,11 +480,10 @@ def train(cfg, out=None):
     when paused by --stop-at). Raises Diverged when the loss turns NaN or Inf, and KeyboardInterrupt when
     stopped early, after writing the outputs."""
     run = Run(cfg, out)
-    cfg, stopped, failure = run.cfg, None, None
+    cfg, failure = run.cfg, None
     pause_at = cfg.stop_at if cfg.stop_at is not None and cfg.stop_at < cfg.steps else None
     run.start()
-    if pause_at is not None and run.step >= pause_at:  # resumed at or past the pause: nothing to train
-        stopped = run.step
+    stopped = run.step if pause_at is not None and run.step >= pause_at else None  # resumed past the pause
     with StopRequest() as stop:
         while run.step < cfg.steps and not stopped:
             run.train_step()

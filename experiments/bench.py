@@ -68,8 +68,8 @@ def _hf_model(m):
 
 def _worker(spec):
     """Time spec["contender"]'s training step on the batches in spec["batches"] (a file the parent wrote);
-    prints {"ms": mean ms per step, "loss": the last step's loss}. The first three batches (all of them for
-    torch.compile) warm up. threads None: train.py's default."""
+    prints {"ms": mean ms per step, "cpu_ms": the same in the process's CPU time, "loss": the last step's
+    loss}. The first three batches (all of them for torch.compile) warm up. threads None: train.py's default."""
     sys.path.insert(0, spec["code"])
     import mimetic
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def _worker(spec):
         model = _hf_model(m).to(device)
         forward = lambda inputs: model(inputs).logits
     else:
-        mimetic.use_kernels = spec["contender"] != "loop"  # "rev": the revision's own mimetic.py, as it is
+        mimetic.use_kernels = spec["contender"] not in ("loop", "revloop")  # "rev": the revision's mimetic.py as it is
         if hasattr(getattr(mimetic, "kernels", None), "SCAN_BACKEND"):  # older revisions have no such setting
             mimetic.kernels.SCAN_BACKEND = spec["scan_backend"]
         fields = {f.name for f in dataclasses.fields(mimetic.ModelConfig)}  # an older revision knows fewer
@@ -103,12 +103,12 @@ def _worker(spec):
         step(inputs, targets)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for inputs, targets in batches:
         loss = step(inputs, targets)
     sync()
     print(json.dumps({"ms": 1e3 * (time.perf_counter() - start) / len(batches), "loss": loss.item(),
-                      "threads": spec["threads"]}))
+                      "cpu_ms": 1e3 * (time.process_time() - cpu_start) / len(batches), "threads": spec["threads"]}))
 
 
 def _step_config(args, arch):
@@ -122,8 +122,10 @@ def _step_config(args, arch):
         if c is None:
             sys.exit(f"preset {args.preset} has no {arch} config")
         return f"preset {args.preset} ({args.scale}), config {name}", c
-    c = train.resolve_config({"arch": arch, "device": "cpu", **({"d_state": 32} if arch == "mamba1" else {})})
-    return "the main job" + (" with Mamba 1, N = 32 (fig1's cpu config)" if arch == "mamba1" else ""), c
+    c = train.resolve_config({"arch": arch, "device": "cpu", "mimetic": args.mimetic,
+                              **({"d_state": 32} if arch == "mamba1" else {})})
+    return ("the main job" + (" with Mamba 1, N = 32 (fig1's cpu config)" if arch == "mamba1" else "")
+            + (", mimetic init" if args.mimetic else ", default init")), c
 
 
 def bench_step(args):
@@ -139,6 +141,9 @@ def bench_step(args):
     names = {"ours": "ours", "loop": "ours, readable loop", "compile": "ours, torch.compile",
              "rev": f"ours at {args.against}", "hf": "Hugging Face"}
     chosen = ["ours"] + [k for k in args.contenders.split(",") if k != "ours" and (k != "rev" or args.against)]
+    names["revloop"] = f"ours at {args.against}, readable loop"  # that revision's mimetic.py without its kernels
+    if "revloop" in chosen and not args.against:
+        sys.exit("--contenders revloop needs --against")
     if bad := [k for k in chosen if k not in names]:
         sys.exit(f"unknown --contenders {bad}; choose from {', '.join(names)}")
     missing = [] if _installed("transformers") or "hf" not in chosen else ["Hugging Face transformers"]
@@ -149,28 +154,30 @@ def bench_step(args):
         g = torch.Generator().manual_seed(0)
         batches = tempfile.NamedTemporaryFile(suffix=".pt", delete=False).name  # the same batches for every contender
         torch.save([train.training_batch(c, g) for _ in range(args.steps)], batches)
-        times, losses = {names[k]: [] for k in chosen}, {}
+        times, cpu, losses = {names[k]: [] for k in chosen}, {names[k]: [] for k in chosen}, {}
         for _ in range(args.rounds):
             for k in chosen:
                 name = names[k]
-                spec = dict(code=revision_dir if k == "rev" else HERE, contender=k, model=train.model_config_kwargs(c),
-                            mimetic=c.mimetic, batches=batches, threads=args.threads, device=args.device,
-                            scan_backend=args.scan_backend)
+                spec = dict(code=revision_dir if k in ("rev", "revloop") else HERE, contender=k,
+                            model=train.model_config_kwargs(c), mimetic=c.mimetic, batches=batches,
+                            threads=args.threads, device=args.device, scan_backend=args.scan_backend)
                 done = subprocess.run(WORKER + [json.dumps(spec)], capture_output=True,
                                       text=True, env={**os.environ, "PYTHONPATH": ""}, cwd=HERE)
                 if done.returncode:
                     sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 times[name].append(result["ms"])
+                cpu[name].append(result["cpu_ms"])
                 losses[name] = result["loss"]
-        ours = statistics.median(times["ours"])
+        ours, ours_cpu = statistics.median(times["ours"]), statistics.median(cpu["ours"])
         rows = f"rows packed to {c.pack} tokens" if c.pack else f"{c.task} examples"
         print(f"\n## training step, {arch}: {label}; batches of {c.batch_size} {rows}, lengths "
               f"{c.min_train_len}-{c.train_len}; {args.steps} steps × {args.rounds} rounds")
-        print("| contender | ms / step | × ours | loss |\n|---|---:|---:|---:|")
-        for name, values in times.items():
+        print("| contender | ms / step | × ours | CPU ms / step | × ours | loss |\n|---|---:|---:|---:|---:|---:|")
+        for name, values in times.items():  # CPU time: the process's, all threads; on a loaded machine it moves less
+            c = statistics.median(cpu[name])
             print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / ours:.2f} | "
-                  f"{losses[name]:.5f} |")
+                  f"{c:.1f} | {c / ours_cpu:.2f} | {losses[name]:.5f} |")
     if missing:
         print(f"\nnot installed, not timed: {', '.join(missing)}")
 
@@ -545,9 +552,11 @@ def main(argv=None):
     parser.add_argument("--archs", default="mamba2,mamba1", help="step and mixer: comma-separated (%(default)s)")
     parser.add_argument("--against", help="step: also time this repository at a git revision (e.g. a commit)")
     parser.add_argument("--contenders", default="ours,loop,compile,rev,hf",
-                        help="step: which to time, from ours, loop, compile, rev (needs --against), hf "
-                             "(default: %(default)s)")
+                        help="step: which to time, from ours, loop, compile, rev (needs --against), revloop "
+                             "(--against's mimetic.py without its kernels), hf (default: %(default)s)")
     parser.add_argument("--preset", help="step: a train.py preset's first config instead of the main job")
+    parser.add_argument("--mimetic", action="store_true", help="step: the main job with mimetic init (as train.py "
+                        "--mimetic); without it, default init")
     parser.add_argument("--scale", choices=("paper", "cpu"), help="with --preset (default: cpu) and --check (default: "
                         "paper on a GPU, cpu on a CPU)")
     parser.add_argument("--steps", type=int, help="step: timed steps per round (default: 30); check: per config (5 on "

@@ -18,6 +18,13 @@ def check(cfg):
     if cfg.pack and cfg.pack < 2 * cfg.train_len + 3:
         raise ValueError(f"--pack {cfg.pack} cannot hold one example of length {cfg.train_len} "
                          f"({2 * cfg.train_len + 3} tokens with BOS, SEP and STOP)")
+    if cfg.reset_state and not cfg.pack:
+        raise ValueError("--reset-state resets the state at each packed example's BOS: it needs --pack")
+    if cfg.reset_state and cfg.pretrained:
+        raise ValueError("--reset-state needs our LM's new_example; --pretrained models take none")
+    if cfg.reset_state and set(cfg.pattern or "M") != {"M"}:
+        raise ValueError(f"--reset-state resets Mamba layers; --pattern {cfg.pattern} has "
+                         "attention layers, which take no reset")
     if cfg.teacher_layer is not None and not cfg.pretrained:
         raise ValueError("--teacher-layer picks a layer of the --pretrained model; name one")
     if cfg.pretrained and cfg.vocab_size > len(CONTENT_CHARACTERS):
@@ -43,6 +50,11 @@ def packed_batch(cfg, g):
         row, mask = torch.tensor(seq[:cfg.pack]), torch.tensor(labeled[:cfg.pack])
         rows.append((row[:-1], torch.where(mask[1:], row[1:], -100)))
     return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def example_starts(cfg, inputs):
+    """(b, L) bool, True at each BOS of packed rows: where every example starts (--reset-state)."""
+    return inputs == task_vocab_size(cfg.task, cfg.vocab_size)
 
 
 class WithBOS(nn.Module):
