@@ -1,5 +1,5 @@
 """What every test file shares: Triton's interpreter on machines without a GPU, the relative error the
-comparisons use, and the repository folder.
+comparisons use, the tests' training loop, and the repository folder.
 
     python -m pytest -q -m "not slow"                 # everything CI runs (a few minutes)
     python -m pytest -q -m "not slow and not long"    # the inner loop (under 30 s)
@@ -8,6 +8,7 @@ comparisons use, and the repository folder.
 import os
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # Triton kernels then run on CPU tensors in its interpreter, which must
     os.environ["TRITON_INTERPRET"] = "1"  # be switched on before mimetic_kernels imports triton
@@ -30,6 +31,20 @@ def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item() if b.norm() > 0 else a.norm().item()
 
+
+def copy_steps(model, opt, lengths, batch_size, vocab_size, generator):
+    """The tests' training loop: one optimizer step on a copy batch of each length in turn. Returns the
+    losses. (train.py's loop is this one with a schedule, evals and checkpoints; tutorial.py shows it bare.)"""
+    from mimetic import make_batch
+    losses = []
+    for length in lengths:
+        inputs, targets = make_batch("copy", batch_size, length, vocab_size=vocab_size, generator=generator)
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 def new_example_at(L, *rows):

@@ -45,7 +45,7 @@ Glossary (shapes in comments use these letters):
 All math runs in fp32 (fp64 when the inputs are fp64, for gradcheck), also inside torch.autocast
 regions; outputs take u's (x's) dtype, last states are returned in the math dtype.
 
-`python bench.py --only scans` times every backend against the reference (and mamba_ssm's CUDA kernels).
+`python -m experiments.bench --only scans` times every backend against the reference (and mamba_ssm's CUDA kernels).
 """
 import contextlib
 import os

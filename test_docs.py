@@ -189,8 +189,8 @@ def test_tutorial_executes_as_a_notebook(tmp_path):
 
 @pytest.mark.long
 def test_bench_runs_every_section_and_compares_with_a_revision():
-    """bench.py is the command behind every speed number in the README: a short run of each section."""
-    bench = [sys.executable, os.path.join(HERE, "bench.py")]
+    """experiments/bench.py is the command behind every speed number in the README: a short run of each section."""
+    bench = [sys.executable, "-m", "experiments.bench"]
     step = subprocess.run([*bench, "--only", "step", "--archs", "mamba2", "--steps", "2", "--rounds", "1",
                            "--contenders", "ours,loop,rev,hf", "--against", "HEAD"], capture_output=True, text=True,
                           timeout=600, cwd=HERE)
@@ -204,10 +204,10 @@ def test_bench_runs_every_section_and_compares_with_a_revision():
 
 @pytest.mark.long
 def test_bench_check_passes_here_and_prints_each_architectures_step_and_the_grid_estimates():
-    """`python bench.py --check`, a GPU user's first command, in small: on a plain CPU (Triton's interpreter
+    """`python -m experiments.bench --check`, a GPU user's first command, in small: on a plain CPU (Triton's interpreter
     off, as a user's CPU runs it) the scans match the reference and fig1's grid gets an estimate."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--check", "--presets", "fig1", "--steps",
+    done = subprocess.run([sys.executable, "-m", "experiments.bench", "--check", "--presets", "fig1", "--steps",
                            "1"], capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [[f.strip() for f in line.strip("|").split("|")] for line in done.stdout.splitlines() if line[:2] == "| "]
@@ -220,9 +220,9 @@ def test_bench_check_passes_here_and_prints_each_architectures_step_and_the_grid
 
 @pytest.mark.long
 def test_bench_check_fails_on_a_backend_off_the_reference(monkeypatch, capsys):
-    import bench
     import mimetic_kernels
     import train
+    from experiments import bench
     monkeypatch.setattr(mimetic_kernels, "_INTERPRETED", False)  # the torch backend only: the interpreter is slow
     c = train.resolve_config({"device": "cpu", "d_model": 16, "d_state": 8, "headdim": 8, "batch_size": 2,
                               "train_len": 4})

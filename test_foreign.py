@@ -3,6 +3,7 @@
 classes from its pinned sdist, their forward passes on CPU through mamba_ssm's own reference functions; a GPU-only
 test for its fused kernels)."""
 import copy
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mimetic
-from conftest import HERE, rel_err
+from conftest import HERE, copy_steps, rel_err
 from mimetic import (SOFTPLUS_INV_1, attention_map, attention_mask, attention_matrix, bake_mimetic_A_, format_report,
                      make_batch, mimetic_init_, mimetic_report, mixer_inputs)
 
@@ -319,13 +320,8 @@ def test_report_tells_the_one_mimetic_layer_of_our_lm_from_the_others(arch, step
     config = mimetic.ModelConfig(vocab_size=mimetic.task_vocab_size("copy", 8), d_model=32, n_layers=3, arch=arch,
                                  headdim=16, d_state=16)
     model = mimetic_init_(mimetic.LM(config), layers=[1])
-    opt, g = torch.optim.AdamW(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        inputs, targets = make_batch("copy", 16, 8, vocab_size=8, generator=g)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    copy_steps(model, torch.optim.AdamW(model.parameters(), lr=3e-3), [8] * steps, 16, 8,
+               torch.Generator().manual_seed(0))
     report = mimetic_report(model, make_batch("copy", 4, 16, vocab_size=8)[0])
     others = [report[0], report[2]]
     assert all(report[1]["mask"] > r["mask"] + 0.2 and report[1]["bc_cos"] > r["bc_cos"] + 0.3 for r in others), report
@@ -848,9 +844,8 @@ def test_from_the_checkout_transformers_finds_its_own_kernels_package_and_train_
 
 @pytest.mark.long
 def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
-    import figures
-    import pipeline
     import train
+    from experiments import figures, pipeline
     hf_model(1, num_hidden_layers=3).save_pretrained(tmp_path)
     args = train.build_parser().parse_args(["--pretrained", str(tmp_path), "--vocab-size", "4"])
     c = train.resolve_config(vars(args))
@@ -863,8 +858,8 @@ def test_train_py_pretrained_maps_read_each_blocks_true_input(tmp_path):
 
 @pytest.mark.long
 def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_layers(tmp_path, capsys):
-    import pipeline
     import train
+    from experiments import pipeline, sweep
     teacher = tmp_path / "teacher"
     hf_model(1).save_pretrained(teacher)  # no tokenizer saved: task tokens are the model's ids 0, 1, ...
     tiny = ["--pretrained", str(teacher), "--vocab-size", "4", "--train-len", "4", "--steps", "4", "--eval-every", "2",
@@ -880,8 +875,8 @@ def test_train_py_fine_tunes_a_saved_model_and_trains_a_student_of_one_of_its_la
     student, source = pipeline.Pretrained(c), hf_model(1).backbone.layers[1]
     assert len(student.layers) == 3 and all(torch.equal(block.mixer.in_proj.weight, source.mixer.in_proj.weight)
                                             for block in student.layers)
-    mimetic_model = train.build_model({**c, "teacher_layer": None, "mimetic": True})
+    mimetic_model = train.build_model(dataclasses.replace(c, teacher_layer=None, mimetic=True))
     assert all(hasattr(block.mixer, "parametrizations") for block in mimetic_model.layers)
     capsys.readouterr()
-    train.main(["eval", str(tmp_path / "mimetic"), "--lens", "6"])  # rebuilt from the folder, then loaded
+    sweep.main(["eval", str(tmp_path / "mimetic"), "--lens", "6"])  # rebuilt from the folder, then loaded
     assert "6 |" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mimetic
-from conftest import new_example_at, packed_and_alone, rel_err
+from conftest import copy_steps, new_example_at, packed_and_alone, rel_err
 from mimetic import (LM, SELECTIVE_COPY_TOKENS, TASKS, Attention, LinearAttention, Mamba1, Mamba2, ModelConfig,
                      bake_mimetic_A_, evaluate, make_batch, mimetic_init_, task_vocab_size)
 
@@ -188,14 +188,7 @@ def test_fast_path_trains_like_the_readable_path(arch, monkeypatch):
         model = mimetic_init_(LM(ModelConfig(vocab_size=task_vocab_size("copy", 16), d_model=32, n_layers=2,
                                              arch=arch, d_state=16, headdim=16, chunk_size=8)))
         opt, start = optimizer(model.parameters()), {name: p.detach().clone() for name, p in model.named_parameters()}
-        g, losses = torch.Generator().manual_seed(0), []
-        for length in (3, 9, 5, 7, 2, 8):  # sequences of 5 to 19 tokens
-            inputs, targets = make_batch("copy", 8, length, vocab_size=16, generator=g)
-            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = copy_steps(model, opt, (3, 9, 5, 7, 2, 8), 8, 16, torch.Generator().manual_seed(0))  # 5-19 tokens
         return torch.tensor(losses), dict(model.named_parameters()), start
     adamw, sgd = (lambda p: torch.optim.AdamW(p, lr=3e-3)), (lambda p: torch.optim.SGD(p, lr=0.1))
     assert rel_err(train_steps(True, adamw)[0], train_steps(False, adamw)[0]) < 1e-5
@@ -770,14 +763,8 @@ def test_a_new_architecture_is_one_registry_entry_and_its_class(monkeypatch):
     assert all(isinstance(block.mixer, ToyMixer) for block in model.layers)
     hybrid = LM(ModelConfig(vocab_size=10, d_model=16, n_layers=3, arch="mamba2", pattern="MTA", headdim=8))
     assert [type(block.mixer) for block in hybrid.layers] == [Mamba2, ToyMixer, Attention]
-    opt, g, losses = torch.optim.AdamW(model.parameters(), lr=3e-2), torch.Generator().manual_seed(0), []
-    for _ in range(20):
-        inputs, targets = make_batch("copy", 16, 4, vocab_size=8, generator=g)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = copy_steps(model, torch.optim.AdamW(model.parameters(), lr=3e-2), [4] * 20, 16, 8,
+                        torch.Generator().manual_seed(0))  # (test_train.py trains it through train.py)
     assert losses[0] > 2 and losses[-1] < 0.1, losses  # from chance (ln 8 ≈ 2.08 a token) to copying
     monkeypatch.undo()
     assert "toy" not in mimetic.ARCHS

@@ -454,7 +454,8 @@ assert excess["mimetic"] > excess["default"] + 0.25, excess
 # exact match 0, token accuracy ≈ 0.19) while the mimetic one reached 70–88 % exact match (token accuracy
 # 0.97–0.99) at the training length. Neither generalizes to 2× the length at this size: exact match 0 for
 # both, token accuracy 0.14–0.27 (mimetic) vs 0.08–0.10 (default). For the real thing run
-# `python train.py --preset fig1` (Fig. 1) and the presets listed in `python train.py --help`.
+# `python -m experiments.sweep --preset fig1` (Fig. 1) and the presets listed in
+# `python -m experiments.sweep --help`.
 
 # %%
 V_copy, n_train, steps, batch_size = 10, 10, 500, 32
@@ -549,7 +550,8 @@ plt.show()
 #   only ("One mimetic init is all you need?", §4). Over all 16 on/off combinations the paper finds that for
 #   Mamba 1 only A ≈ 1 matters much and the identity conv seems somewhat harmful, while Mamba 2 gains from
 #   A ≈ 1 and W_Cᵀ W_B ≈ I, which interact, and most from adding the identity conv.
-#   `python train.py --preset ablation` runs that ablation. Each switch touches only its own parameters:
+#   `python -m experiments.sweep --preset ablation` runs that ablation. Each switch touches only its own
+#   parameters:
 
 # %%
 torch.manual_seed(0)
@@ -571,7 +573,7 @@ for component in ("A", "dt", "bc", "conv"):
 # - **Hybrids** (§3, Fig. 2): `pattern="MMMAMMMM"` is the 8-layer Mamba with one softmax-attention layer whose
 #   look-behind map mimetic Mamba imitates.
 # - **Scaling** (§5): vocabulary size, state size N (Fig. 7: capacity grows roughly linearly with N under
-#   mimetic init), width/depth, and sequence length; see the other `train.py` presets.
+#   mimetic init), width/depth, and sequence length; see the other presets in `experiments/presets.py`.
 # - **Open questions** (§6–§7): the copy-friendly structure — all-ones masks and correlated W_C, W_B — also
 #   appears in some layers of *pretrained* Mambas, so how much of pretraining's benefit is "a good init"
 #   rather than stored knowledge? What are the exact trade-offs between state space layers and attention for

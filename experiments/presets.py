@@ -1,7 +1,7 @@
 """presets.py — the paper's setups as data: one entry per figure of Trockman et al. (2024), at two scales.
 
-    python train.py --preset fig1 --dry-run            # the paper-sized grid, each value with its source
-    python train.py --preset fig1 --scale cpu --sweep  # the same figure at the main job's size
+    python -m experiments.sweep --preset fig1 --dry-run            # the paper-sized grid, each value's source
+    python -m experiments.sweep --preset fig1 --scale cpu --sweep  # the same figure at the main job's size
 
 An entry (a Preset) has, for each scale, "paper" (for a GPU) and "cpu" (the README's main job):
 - `shared`: flags every run of the figure gets, and `configs`: {config name: flags} of the runs compared.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from itertools import product
 
 import mimetic
+from train import Config
 
 SCALES = ("paper", "cpu")
 
@@ -90,10 +91,11 @@ PAPER_COPY = {
     **sourced("ours: 256 examples per length (the pipeline evaluates 24)", eval_batches=4),
 }
 MAIN_JOB = "ours: the README's main job (train.py's defaults), a CPU-sized copy of the paper's setup"
-CPU_COPY = sourced(MAIN_JOB, task="copy", vocab_size=64, d_model=64, train_len=16, min_train_len=2, pack=0,
-                   batch_size=32, steps=4000, lrs=[3e-3], seeds=[0, 1, 2], c=8.0, weight_decay=0.1,
-                   weight_decay_on="matrices", beta2=0.95, schedule="cosine", warmup=100, grad_clip=1.0,
-                   eval_batches=4)
+MAIN = Config()  # the main job: train.Config's defaults, written out so that each gets its source here
+CPU_COPY = sourced(MAIN_JOB, **{key: getattr(MAIN, key) for key in (
+    "task", "vocab_size", "d_model", "train_len", "min_train_len", "pack", "batch_size", "steps", "c",
+    "weight_decay", "weight_decay_on", "beta2", "schedule", "warmup", "grad_clip", "eval_batches")},
+                   lrs=[MAIN.lr], seeds=[0, 1, 2])
 PAPER_MQAR = {
     **sourced("zoology (§8 names it for MQAR): VOCAB_SIZE = 8_192", task="mqar", vocab_size=8192),
     **sourced("zoology: (64, 4), (128, 8), (256, 16) tokens and pairs", mqar_tokens_per_pair=16),
@@ -112,7 +114,7 @@ N32 = "§5 'For all Mamba 1 experiments, we use state size 32'"
 MAMBA1 = arch("mamba1", N32)
 MAMBA2 = arch("mamba2", "§5 'state size 128 unless otherwise noted', 'head dimension 64'")
 MAMBA2_CPU = arch("mamba2", "§5 'state size 128 unless otherwise noted'",
-                  headdim=(32, "ours: 4 heads at width 64 (the paper's 64 would leave 2)"))
+                  headdim=(MAIN.headdim, "ours: 4 heads at width 64 (the paper's 64 would leave 2)"))
 
 INIT = "the figure's comparison: default vs mimetic init of every Mamba layer"
 INITS = axis(INIT, {"default": {}, "mimetic": dict(mimetic=True)})
@@ -120,7 +122,7 @@ MAMBAS = {"paper": {"mamba1": MAMBA1, "mamba2": MAMBA2}, "cpu": {"mamba1": MAMBA
 
 # §4 "just one layer ... (Layer 4) of an 8-layer Mamba": layer index 3 of 8; at cpu scale, the last of 2
 EIGHT = sourced("§4 'just one layer ... (Layer 4) of an 8-layer Mamba'", n_layers=8)
-TWO = sourced("ours: the main job's 2 layers, the special layer last", n_layers=2)
+TWO = sourced("ours: the main job's 2 layers, the special layer last", n_layers=MAIN.n_layers)
 ONE_LAYER = "§4 'one mimetic init is all you need': mimetic init of the special layer only"
 HYBRID = "§4, Fig. 2: softmax attention as the special layer (the control)"
 
@@ -142,7 +144,7 @@ LONG_EVAL_PAPER = sourced("ours: a range of lengths for Fig. 7's area under accu
 LONG_EVAL_CPU = sourced("ours: a range of lengths for Fig. 7's area under accuracy vs length",
                         eval_lens=[16, 24, 32, 48, 64, 96, 128])
 FOUR_LAYERS = sourced("§4 'a small 4-layer Mamba'", n_layers=4)
-TWO_MAIN = sourced(MAIN_JOB, n_layers=2)
+TWO_MAIN = sourced(MAIN_JOB, n_layers=MAIN.n_layers)
 SIZE = "Fig. 8: width × depth; the paper does not list its sizes: ours"
 SIZES_CPU = ("d64_L1", "d64_L2", "d64_L4", "d32_L2", "d128_L2")  # a cross of widths at depth 2, depths at width 64
 VOCAB = "Fig. 6: vocabulary size; the paper does not list its vocabularies: ours, from the pipeline's 26 up"
@@ -168,7 +170,7 @@ def mamba41(selective, induction, induction_eval):
 
 
 def plot_command(out, configs, *flags):
-    return " ".join(["python train.py plot", *(f"{out}/{name}" for name in configs), *flags])
+    return " ".join(["python -m experiments.sweep plot", *(f"{out}/{name}" for name in configs), *flags])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ PRESETS = {
         "Fig. 1", "§4 'mimetic initialization allows a small 4-layer Mamba to learn to copy strings with twice the "
         "training length'; Mamba 1 and 2, default vs mimetic on every layer",
         paper=Scale({**PAPER_COPY, **FOUR_LAYERS}, cross(MAMBAS["paper"], INITS),
-                    plot="python train.py plot results/fig1_paper_lr1e-3/mamba2_default/seed0 "
+                    plot="python -m experiments.sweep plot results/fig1_paper_lr1e-3/mamba2_default/seed0 "
                          "results/fig1_paper_lr1e-3/mamba2_mimetic/seed0 results/fig1_paper_lr1e-3/mamba2_default/seed1 "
                          "results/fig1_paper_lr1e-3/mamba2_mimetic/seed1 --metric token_acc "
                          "--out figures/paper_fig1_first_steps.png"),

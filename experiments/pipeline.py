@@ -13,48 +13,48 @@ from mimetic import COPY_TASKS, TASK_VOCAB, make_batch, task_vocab_size
 
 def check(cfg):
     """ValueError where --pack or --pretrained cannot take this config."""
-    if cfg["pack"] and cfg["task"] not in COPY_TASKS:
-        raise ValueError(f"--pack is Jelassi et al.'s copying pipeline: for {', '.join(COPY_TASKS)}, not {cfg['task']}")
-    if cfg["pack"] and cfg["pack"] < 2 * cfg["train_len"] + 3:
-        raise ValueError(f"--pack {cfg['pack']} cannot hold one example of length {cfg['train_len']} "
-                         f"({2 * cfg['train_len'] + 3} tokens with BOS, SEP and STOP)")
-    if cfg["reset_state"] and not cfg["pack"]:
+    if cfg.pack and cfg.task not in COPY_TASKS:
+        raise ValueError(f"--pack is Jelassi et al.'s copying pipeline: for {', '.join(COPY_TASKS)}, not {cfg.task}")
+    if cfg.pack and cfg.pack < 2 * cfg.train_len + 3:
+        raise ValueError(f"--pack {cfg.pack} cannot hold one example of length {cfg.train_len} "
+                         f"({2 * cfg.train_len + 3} tokens with BOS, SEP and STOP)")
+    if cfg.reset_state and not cfg.pack:
         raise ValueError("--reset-state resets the state at each packed example's BOS: it needs --pack")
-    if cfg["reset_state"] and cfg["pretrained"]:
+    if cfg.reset_state and cfg.pretrained:
         raise ValueError("--reset-state needs our LM's new_example; --pretrained models take none")
-    if cfg["reset_state"] and set(cfg["pattern"] or "M") != {"M"}:
-        raise ValueError(f"--reset-state resets Mamba layers; --pattern {cfg['pattern']} has "
+    if cfg.reset_state and set(cfg.pattern or "M") != {"M"}:
+        raise ValueError(f"--reset-state resets Mamba layers; --pattern {cfg.pattern} has "
                          "attention layers, which take no reset")
-    if cfg["teacher_layer"] is not None and not cfg["pretrained"]:
+    if cfg.teacher_layer is not None and not cfg.pretrained:
         raise ValueError("--teacher-layer picks a layer of the --pretrained model; name one")
-    if cfg["pretrained"] and cfg["vocab_size"] > len(CONTENT_CHARACTERS):
+    if cfg.pretrained and cfg.vocab_size > len(CONTENT_CHARACTERS):
         raise ValueError(f"--pretrained maps content tokens to the characters a-z, A-Z, 0-9: --vocab-size "
-                         f"{cfg['vocab_size']} > {len(CONTENT_CHARACTERS)}")
+                         f"{cfg.vocab_size} > {len(CONTENT_CHARACTERS)}")
 
 
 def packed_batch(cfg, g):
     """Jelassi et al.'s training rows (data_utils.py): examples BOS x SEP y STOP, lengths drawn per example
-    from [min_train_len, train_len], joined until the row has cfg["pack"] tokens; the example the row's end
+    from [min_train_len, train_len], joined until the row has cfg.pack tokens; the example the row's end
     cuts is not labeled. (inputs, targets) of shape (batch_size, pack − 1)."""
-    bos = task_vocab_size(cfg["task"], cfg["vocab_size"])
+    bos = task_vocab_size(cfg.task, cfg.vocab_size)
     rows = []
-    for _ in range(cfg["batch_size"]):
+    for _ in range(cfg.batch_size):
         seq, labeled = [], []
-        while len(seq) < cfg["pack"]:
-            n = int(torch.randint(cfg["min_train_len"], cfg["train_len"] + 1, (), generator=g))
-            inputs, targets = make_batch(cfg["task"], 1, n, vocab_size=cfg["vocab_size"], generator=g)
+        while len(seq) < cfg.pack:
+            n = int(torch.randint(cfg.min_train_len, cfg.train_len + 1, (), generator=g))
+            inputs, targets = make_batch(cfg.task, 1, n, vocab_size=cfg.vocab_size, generator=g)
             start = len(seq)
             seq += [bos, *inputs[0].tolist(), targets[0, -1].item()]  # targets end with STOP
             labeled += [False, False, *(targets[0] != -100).tolist()]  # token t+1 is labeled where targets[t] is
-        labeled[start:] = [False] * (len(seq) - start) if len(seq) > cfg["pack"] else labeled[start:]
-        row, mask = torch.tensor(seq[:cfg["pack"]]), torch.tensor(labeled[:cfg["pack"]])
+        labeled[start:] = [False] * (len(seq) - start) if len(seq) > cfg.pack else labeled[start:]
+        row, mask = torch.tensor(seq[:cfg.pack]), torch.tensor(labeled[:cfg.pack])
         rows.append((row[:-1], torch.where(mask[1:], row[1:], -100)))
     return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
 def example_starts(cfg, inputs):
     """(b, L) bool, True at each BOS of packed rows: where every example starts (--reset-state)."""
-    return inputs == task_vocab_size(cfg["task"], cfg["vocab_size"])
+    return inputs == task_vocab_size(cfg.task, cfg.vocab_size)
 
 
 class WithBOS(nn.Module):
@@ -83,19 +83,19 @@ class Pretrained(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         import transformers
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(cfg["pretrained"])
-        if cfg["teacher_layer"] is not None:
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained)
+        if cfg.teacher_layer is not None:
             teacher = self.model.backbone.layers
-            if not 0 <= cfg["teacher_layer"] < len(teacher):
-                raise ValueError(f"--teacher-layer {cfg['teacher_layer']}: the teacher has {len(teacher)} layers")
-            self.model.backbone.layers = nn.ModuleList(copy.deepcopy(teacher[cfg["teacher_layer"]])
-                                                       for _ in range(cfg["n_layers"]))
+            if not 0 <= cfg.teacher_layer < len(teacher):
+                raise ValueError(f"--teacher-layer {cfg.teacher_layer}: the teacher has {len(teacher)} layers")
+            self.model.backbone.layers = nn.ModuleList(copy.deepcopy(teacher[cfg.teacher_layer])
+                                                       for _ in range(cfg.n_layers))
             for i, block in enumerate(self.model.backbone.layers):
                 block.layer_idx = block.mixer.layer_idx = i
-            self.model.config.num_hidden_layers = cfg["n_layers"]
-        names = [*CONTENT_CHARACTERS[:cfg["vocab_size"]], *(SPECIAL_CHARACTERS[n] for n in task_specials(cfg))]
+            self.model.config.num_hidden_layers = cfg.n_layers
+        names = [*CONTENT_CHARACTERS[:cfg.vocab_size], *(SPECIAL_CHARACTERS[n] for n in task_specials(cfg))]
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(cfg["pretrained"])
+            tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.pretrained)
             ids = [tokenizer.convert_tokens_to_ids(name) for name in names]
         except (OSError, ValueError):  # no tokenizer saved with the model
             ids = list(range(len(names)))
@@ -111,4 +111,4 @@ class Pretrained(nn.Module):
 
 def task_specials(cfg):
     """The names of the task's special tokens, in id order (and BOS last, with --pack)."""
-    return [*TASK_VOCAB[cfg["task"]][1], *(["BOS"] if cfg["pack"] else [])]
+    return [*TASK_VOCAB[cfg.task][1], *(["BOS"] if cfg.pack else [])]

@@ -1,12 +1,12 @@
-"""bench.py — speed, measured side by side in one run.
+"""experiments/bench.py — speed, measured side by side in one run. From the repository's root:
 
-    python bench.py                            # CPU, one thread: training steps, mixers, scans
-    python bench.py --against 8c378fb          # also the training step of this repository at that commit
-    python bench.py --only step --preset fig1 --scale paper   # the step of a train.py preset's first config
-    python bench.py --only scans --device cuda # the scan table on a GPU, against mamba_ssm's CUDA kernels
-    python bench.py --only sweep               # a small sweep by one process, then by torchrun's two
-    python bench.py --only threads             # train.py's default threads vs 1 and all cores, quiet and busy
-    python bench.py --check                    # first thing on a GPU: backends correct? step times, grid estimates
+    python -m experiments.bench                # CPU, one thread: training steps, mixers, scans
+    python -m experiments.bench --against 8c378fb          # also the training step of this repository at that commit
+    python -m experiments.bench --only step --preset fig1 --scale paper   # the step of a train.py preset's first config
+    python -m experiments.bench --only scans --device cuda # the scan table on a GPU, against mamba_ssm's CUDA kernels
+    python -m experiments.bench --only sweep               # a small sweep by one process, then by torchrun's two
+    python -m experiments.bench --only threads # train.py's default threads vs 1 and all cores, quiet and busy
+    python -m experiments.bench --check        # first thing on a GPU: backends correct? step times, estimates
 
 check:  every scan backend usable here against the reference loop (forward and backward, fp32 and bf16) at
         the fig1 preset's Mamba 1 and Mamba 2 shapes; train.py's training step timed for each architecture;
@@ -26,6 +26,7 @@ scans:  mimetic_kernels.py's backends against the reference loop, and mamba_ssm'
 Peers that are not installed are named as such. Ratios are contender / ours: above 1 means slower.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -37,7 +38,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+WORKER = [sys.executable, "-m", "experiments.bench", "--worker"]  # run in HERE
 
 
 def _installed(module):
@@ -69,7 +71,6 @@ def _worker(spec):
     prints {"ms": mean ms per step, "cpu_ms": the same in the process's CPU time, "loss": the last step's
     loss}. The first three batches (all of them for torch.compile) warm up. threads None: train.py's default."""
     sys.path.insert(0, spec["code"])
-    import dataclasses
     import mimetic
     torch.manual_seed(0)
     m, device = spec["model"], torch.device(spec["device"])
@@ -85,7 +86,7 @@ def _worker(spec):
         model = (mimetic.mimetic_init_(model) if spec["mimetic"] else model).to(device)
         forward = torch.compile(model, dynamic=True) if spec["contender"] == "compile" else model
     if spec["threads"] is None:  # train.py's default for this model
-        import runtime
+        from experiments import runtime
         spec["threads"] = runtime.default_threads(sum(p.numel() for p in model.parameters()))
     torch.set_num_threads(spec["threads"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -112,12 +113,12 @@ def _worker(spec):
 
 def _step_config(args, arch):
     """(label, train.py's resolved config) of the main job, or of a preset's first config of that arch."""
-    import presets
     import train
+    from experiments import presets
     if args.preset:
         _, shared, grid = presets.presets(args.scale)[presets.ALIASES.get(args.preset, args.preset)]
         configs = {name: train.resolve_config({**shared, **flags, "device": "cpu"}) for name, flags in grid.items()}
-        name, c = next(((n, c) for n, c in configs.items() if c["arch"] == arch), (None, None))
+        name, c = next(((n, c) for n, c in configs.items() if c.arch == arch), (None, None))
         if c is None:
             sys.exit(f"preset {args.preset} has no {arch} config")
         return f"preset {args.preset} ({args.scale}), config {name}", c
@@ -158,10 +159,10 @@ def bench_step(args):
             for k in chosen:
                 name = names[k]
                 spec = dict(code=revision_dir if k in ("rev", "revloop") else HERE, contender=k,
-                            model=train.model_config_kwargs(c), mimetic=c["mimetic"], batches=batches,
+                            model=train.model_config_kwargs(c), mimetic=c.mimetic, batches=batches,
                             threads=args.threads, device=args.device, scan_backend=args.scan_backend)
-                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                      text=True, env={**os.environ, "PYTHONPATH": ""})
+                done = subprocess.run(WORKER + [json.dumps(spec)], capture_output=True,
+                                      text=True, env={**os.environ, "PYTHONPATH": ""}, cwd=HERE)
                 if done.returncode:
                     sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -169,9 +170,9 @@ def bench_step(args):
                 cpu[name].append(result["cpu_ms"])
                 losses[name] = result["loss"]
         ours, ours_cpu = statistics.median(times["ours"]), statistics.median(cpu["ours"])
-        rows = f"rows packed to {c['pack']} tokens" if c["pack"] else f"{c['task']} examples"
-        print(f"\n## training step, {arch}: {label}; batches of {c['batch_size']} {rows}, lengths "
-              f"{c['min_train_len']}-{c['train_len']}; {args.steps} steps × {args.rounds} rounds")
+        rows = f"rows packed to {c.pack} tokens" if c.pack else f"{c.task} examples"
+        print(f"\n## training step, {arch}: {label}; batches of {c.batch_size} {rows}, lengths "
+              f"{c.min_train_len}-{c.train_len}; {args.steps} steps × {args.rounds} rounds")
         print("| contender | ms / step | × ours | CPU ms / step | × ours | loss |\n|---|---:|---:|---:|---:|---:|")
         for name, values in times.items():  # CPU time: the process's, all threads; on a loaded machine it moves less
             c = statistics.median(cpu[name])
@@ -189,10 +190,10 @@ def bench_sweep(args):
     and by torchrun with --nproc processes, one after the other, in fresh folders."""
     sweep = ["--preset", "fig1", "--scale", "cpu", "--sweep", "--seeds", "0", "--steps", str(args.sweep_steps),
              "--eval-every", str(args.sweep_steps)]
-    train_py, times = os.path.join(HERE, "train.py"), {}
-    for label, launcher in (("1 process, 1 thread", [sys.executable, train_py, "--threads", "1"]),
+    times = {}
+    for label, launcher in (("1 process, 1 thread", [sys.executable, "-m", "experiments.sweep", "--threads", "1"]),
                             (f"torchrun, {args.nproc} processes", ["torchrun", "--standalone", "--nproc_per_node",
-                                                                    str(args.nproc), train_py])):
+                                                                    str(args.nproc), "-m", "experiments.sweep"])):
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             done = subprocess.run([*launcher, *sweep, "--out", out], capture_output=True, text=True, cwd=HERE)
@@ -232,11 +233,11 @@ def bench_threads(args):
             time.sleep(1.0 if busy else 0)  # let the spinner take its core before train.py looks for free ones
             for _ in range(args.rounds):
                 for name, (threads, env) in contenders.items():
-                    spec = dict(code=HERE, contender="ours", model=train.model_config_kwargs(c), mimetic=c["mimetic"],
+                    spec = dict(code=HERE, contender="ours", model=train.model_config_kwargs(c), mimetic=c.mimetic,
                                 batches=batches, threads=threads, device="cpu", scan_backend=args.scan_backend)
                     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
-                    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                          text=True, env={**clean, **env})
+                    done = subprocess.run(WORKER + [json.dumps(spec)], capture_output=True,
+                                          text=True, env={**clean, **env}, cwd=HERE)
                     if done.returncode:
                         sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
                     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -288,8 +289,8 @@ def bench_mixers(args):
                  arch=arch)
         torch.manual_seed(0)
         theirs = _hf_model(c).backbone.layers[0].mixer.to(device)
-        ours = (mimetic.Mamba2(64, d_state=c["d_state"], headdim=32) if arch == "mamba2"
-                else mimetic.Mamba1(64, d_state=c["d_state"])).to(device)
+        ours = (mimetic.Mamba2(64, d_state=c.d_state, headdim=32) if arch == "mamba2"
+                else mimetic.Mamba1(64, d_state=c.d_state)).to(device)
         ours.load_state_dict(theirs.state_dict())  # the same names and layouts: the same layer
         h = torch.randn(32, 33, 64, device=device, requires_grad=True)
         run = lambda layer: layer(h).square().mean().backward()
@@ -298,7 +299,7 @@ def bench_mixers(args):
             ms["ours"].append(_time_ms(lambda: run(ours), device))
             ms["theirs"].append(_time_ms(lambda: run(theirs), device))
         o, t = statistics.median(ms["ours"]), statistics.median(ms["theirs"])
-        print(f"| {arch} (N = {c['d_state']}) | {o:.2f} | {t:.2f} | {t / o:.2f} |")
+        print(f"| {arch} (N = {c.d_state}) | {o:.2f} | {t:.2f} | {t / o:.2f} |")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,9 +405,9 @@ def _scan_check_inputs(kind, c, dtype, device, gen):
     """Inputs of kernels.selective_scan (Mamba 1) or ssd_scan (Mamba 2) at config c's layer and batch shape."""
     import mimetic
     import train
-    length = c["pack"] - 1 if c["pack"] else mimetic.make_batch(c["task"], 1, c["train_len"], vocab_size=c[
-        "vocab_size"], seq_len=train.mqar_seq_len(c, c["train_len"]))[0].shape[1]
-    b, D, N = c["batch_size"], c["expand"] * c["d_model"], c["d_state"]
+    length = c.pack - 1 if c.pack else mimetic.make_batch(c.task, 1, c.train_len, vocab_size=c.vocab_size,
+                                                          seq_len=train.mqar_seq_len(c, c.train_len))[0].shape[1]
+    b, D, N = c.batch_size, c.expand * c.d_model, c.d_state
     act = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
     par = lambda t: t.to(device)  # parameters stay fp32, as in the model under autocast
     if kind == "mamba1":
@@ -415,7 +416,7 @@ def _scan_check_inputs(kind, c, dtype, device, gen):
                                        A=par(-torch.arange(1.0, N + 1).repeat(D, 1)), B=act(b, N, length),
                                        C=act(b, N, length), D=par(torch.ones(D)), z=act(b, D, length),
                                        delta_bias=par(torch.log(torch.expm1(dt))))
-    H, P = D // c["headdim"], c["headdim"]
+    H, P = D // c.headdim, c.headdim
     dt = torch.empty(H).uniform_(1e-3, 0.1, generator=gen)
     return (b, length, H, P, N), dict(x=act(b, length, H, P), dt=act(b, length, H, scale=0.1),
                                       A=par(-torch.rand(H, generator=gen) * 16), B=act(b, length, 1, N),
@@ -460,7 +461,7 @@ def _time_run(c, device, steps, warmup=2):
     """(ms per training step, ms per evaluation) of train.py's Run for config c, as training runs it; the
     evaluation timed on one batch per length, times --eval-batches."""
     import train
-    run = train.Run(dict(c, device=str(device), out=None))
+    run = train.Run(dataclasses.replace(c, device=str(device)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):  # Triton's compile, the allocator, caches
         run.train_step()
@@ -471,15 +472,15 @@ def _time_run(c, device, steps, warmup=2):
     run.read_losses()  # waits for the GPU
     step_ms = 1e3 * (time.perf_counter() - start) / steps
     start = time.perf_counter()
-    train.evaluate_lengths(run.model, dict(run.cfg, eval_batches=1), run.device)
+    train.evaluate_lengths(run.model, dataclasses.replace(run.cfg, eval_batches=1), run.device)
     sync()
-    return step_ms, 1e3 * (time.perf_counter() - start) * c["eval_batches"]
+    return step_ms, 1e3 * (time.perf_counter() - start) * c.eval_batches
 
 
 def check(args):
-    import presets as setups
-    import sweep
     import train
+    from experiments import presets as setups
+    from experiments import sweep
     device = torch.device(args.device)
     scale = args.scale or ("paper" if device.type == "cuda" else "cpu")
     steps = args.steps or (5 if device.type == "cuda" else 2)
@@ -491,21 +492,22 @@ def check(args):
     for preset, (_, shared, configs) in setups.presets(scale).items():
         for flags in configs.values():
             c = train.resolve_config({**shared, **flags, "device": "cpu"})
-            if not c["pretrained"]:
-                first.setdefault(c["pattern"] or c["arch"], (preset, c))
+            if not c.pretrained:
+                first.setdefault(c.pattern or c.arch, (preset, c))
     ok = check_scans({kind: first[kind][1] for kind in ("mamba1", "mamba2")}, device)
     print(f"\n## training step (forward, backward, AdamW; train.py's Run), {scale} scale, {steps} steps after 2 "
           f"warm-up\n| architecture | from | d_model × layers, N | batch × train length | fp32 ms | bf16 ms | "
           f"bf16 / fp32 |\n"
           f"|---|---|---|---|---:|---:|---:|")
     timed = {}  # (model, batch) → (step ms, eval ms), fp32
-    key = lambda c: json.dumps([train.model_config_kwargs(c), c["batch_size"], c["pack"], c["train_len"],
-                                c["task"], c["eval_lens"], c["eval_batches"]], sort_keys=True)
+    key = lambda c: json.dumps([train.model_config_kwargs(c), c.batch_size, c.pack, c.train_len,
+                                c.task, c.eval_lens, c.eval_batches], sort_keys=True)
     for arch, (preset, c) in first.items():
-        fp32, bf16 = (_time_run({**c, **extra, "dtype": dtype}, device, steps) for dtype in ("fp32", "bf16"))
+        fp32, bf16 = (_time_run(dataclasses.replace(c, **extra, dtype=dtype), device, steps)
+                      for dtype in ("fp32", "bf16"))
         timed[key(c)] = fp32
-        rows = f"{c['batch_size']} × {c['pack'] - 1}" if c["pack"] else f"{c['batch_size']} × {c['train_len']}"
-        print(f"| {arch} | {preset} | {c['d_model']} × {c['n_layers']}, {c['d_state']} | {rows} | {fp32[0]:.1f} | "
+        rows = f"{c.batch_size} × {c.pack - 1}" if c.pack else f"{c.batch_size} × {c.train_len}"
+        print(f"| {arch} | {preset} | {c.d_model} × {c.n_layers}, {c.d_state} | {rows} | {fp32[0]:.1f} | "
               f"{bf16[0]:.1f} | {bf16[0] / fp32[0]:.2f} |", flush=True)
     print(f"\n## ESTIMATED wall time of each preset's grid ({scale} scale, fp32) on this {device.type} and on "
           f"{args.devices} of them: steps × the measured step time + evals × the measured eval time, each "
@@ -514,15 +516,15 @@ def check(args):
           f"|---|---:|---:|---:|")
     for preset in presets:
         runs = [c for _, c in sweep.grid(["--preset", preset, "--scale", scale, "--device", "cpu"]).runs]
-        if any(c["pretrained"] for c in runs):
+        if any(c.pretrained for c in runs):
             print(f"| {preset} | {len(runs)} | not estimated: it trains a pretrained model | |")
             continue
         seconds = []
         for c in runs:
             if key(c) not in timed:
-                timed[key(c)] = _time_run({**c, **extra}, device, steps, warmup=1)
+                timed[key(c)] = _time_run(dataclasses.replace(c, **extra), device, steps, warmup=1)
             step_ms, eval_ms = timed[key(c)]
-            seconds.append((c["steps"] * step_ms + (c["steps"] // c["eval_every"] + 1) * eval_ms) / 1e3)
+            seconds.append((c.steps * step_ms + (c.steps // c.eval_every + 1) * eval_ms) / 1e3)
         shared_by = max(sum(seconds[rank::args.devices]) for rank in range(args.devices))
         print(f"| {preset} | {len(runs)} | {sum(seconds) / 3600:.2f} | {shared_by / 3600:.2f} |", flush=True)
     if len(presets) < len(everything):

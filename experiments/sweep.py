@@ -1,12 +1,13 @@
-"""sweep.py — everything in train.py's command line beyond one run: grids of a figure's configs × learning
-rates × c × seeds, sweeps (shared between torchrun's processes), --dry-run, and the `eval` and `plot`
-commands on finished run folders.
+"""experiments/sweep.py — the command line beyond train.py's one run: grids of a figure's configs × learning
+rates × c × seeds, sweeps (shared between torchrun's processes), --dry-run, and the `eval`, `plot` and
+`summary` commands on finished run folders. Run it from the repository's root:
 
-    python train.py --preset fig1 --scale cpu --sweep               # train.py's main() hands such commands here
-    torchrun --nproc_per_node 2 train.py --preset fig1 --scale cpu --sweep
-    python train.py --preset fig1 --dry-run                         # every run: its values, their sources, its size
-    python train.py eval runs/RUN --lens 32,64,128
-    python train.py plot runs/A runs/B --out cmp.png
+    python -m experiments.sweep --preset fig1 --scale cpu               # a paper figure at the main job's size
+    torchrun --nproc_per_node 2 -m experiments.sweep --preset fig1 --scale cpu   # shared by 2 processes
+    python -m experiments.sweep --preset fig1 --dry-run                 # every run: its values, sources, size
+    python -m experiments.sweep eval runs/RUN --lens 32,64,128          # a finished run at new lengths
+    python -m experiments.sweep plot runs/A runs/B --out cmp.png        # overlay runs (mean ± std over seeds)
+    python -m experiments.sweep summary results/fig1_m2_cpu             # a sweep's tables from its metrics
 
 This file builds on train.py (one run), presets.py (the figures' setups) and figures.py (summaries and
 plots); none of them imports it.
@@ -16,25 +17,26 @@ import datetime
 import json
 import os
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-import figures
-import presets
+from experiments import figures, presets
+from experiments.runtime import fail, load_checkpoint, print_table
 from mimetic import METRICS, TASKS, task_vocab_size
-from runtime import print_table
-from runtime import fail, load_checkpoint
-from train import (CHOICES, DEFAULTS, OPTIONS, Diverged, build_model, build_parser, evaluate_lengths, example_inputs,
-                   int_list, model_config_kwargs, part_list, resolve_config, run_name, run_one, train)
+from train import (Config, Diverged, add_flags, build_model, evaluate_lengths, example_inputs, int_list,
+                   model_config_kwargs, part_list, resolve_config, run_name, run_one, train)
+
+DEFAULTS = Config()  # only the lr, c and seed of a grid without its own
 
 
 def float_list(text):
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-GRID_OPTIONS = [  # (flag, default, parser, help), as train.OPTIONS: the flags of a grid, not of one run
+GRID_OPTIONS = [  # (flag, default, parser, help): the flags of a grid, beside train.Config's of one run
     ("preset", None, str, "a figure's setup (presets.py; your flags override): " + "; ".join(
         f"{name}{f' (or {p.alias})' if p.alias else ''}: {presets.description(name)}"
         for name, p in presets.PRESETS.items())),
@@ -43,16 +45,28 @@ GRID_OPTIONS = [  # (flag, default, parser, help), as train.OPTIONS: the flags o
     ("lrs", None, float_list, "sweep the learning rate over these values (with --sweep); default: --lr"),
     ("cs", None, float_list, "sweep c over these values (with --sweep); default: --c"),
     ("seeds", None, int_list, "comma-separated seeds (a sweep); default: --seed"),
-    ("sweep", False, None, "run every config × lr × c × seed into subfolders of --out, skipping finished runs"),
+    ("sweep", False, None, "run every config × lr × c × seed into subfolders of --out, skipping finished runs "
+     "(a grid of more than one run always does)"),
     ("dry_run", False, None, "print every run of the grid (JSON lines): its parameter count, its values and their "
      "sources; train nothing"),
 ]
-GRID_CHOICES = {**CHOICES, "preset": presets.NAMES, "scale": presets.SCALES}
+GRID_CHOICES = {"preset": presets.NAMES, "scale": presets.SCALES}
 
 
 def parser(with_defaults=True):
-    """train.py's whole command line: one run's flags and a grid's."""
-    return build_parser(with_defaults, OPTIONS + GRID_OPTIONS, GRID_CHOICES)
+    """The grid's flags, then one run's (train.Config's); without defaults it reports only the flags typed."""
+    head, _, tail = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=head, epilog=tail,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    suppress = {} if with_defaults else {"default": argparse.SUPPRESS}
+    for name, default, kind, help_text in GRID_OPTIONS:
+        flag, help_text = "--" + name.replace("_", "-"), help_text.replace("%", "%%")
+        if kind is None:
+            parser.add_argument(flag, action="store_true", help=help_text, **suppress)
+        else:
+            parser.add_argument(flag, type=kind, choices=GRID_CHOICES.get(name), help=help_text, **suppress)
+    parser.add_argument("--out", help="the sweep's folder (default: runs/<preset>_<scale>), or one run's", **suppress)
+    return add_flags(parser, with_defaults=with_defaults)
 
 
 class Grid(NamedTuple):
@@ -83,23 +97,25 @@ def grid(argv):
         configs = {name: configs[name] for name in args.configs}
     axes = {}
     for many, one in (("lrs", "lr"), ("cs", "c"), ("seeds", "seed")):  # typed beats preset beats default
-        axes[one] = typed.get(many) or ([typed[one]] if one in typed else None) or shared.get(many) or [DEFAULTS[one]]
-    resolved = {name: resolve_config({**shared, **flags, **typed, "lr": axes["lr"][0], "c": axes["c"][0]})
-                for name, flags in configs.items()}
+        axes[one] = (typed.get(many) or ([typed[one]] if one in typed else None) or shared.get(many)
+                     or [getattr(DEFAULTS, one)])
+    flags_of = {name: {**shared, **flags, **typed} for name, flags in configs.items()}
+    resolved = {name: resolve_config({**flags, "lr": axes["lr"][0], "c": axes["c"][0]})
+                for name, flags in flags_of.items()}
     sweep = args.sweep or len(resolved) * len(axes["lr"]) * len(axes["c"]) * len(axes["seed"]) > 1
     first = next(iter(resolved.values()))
     out = Path(args.out or "runs/" + (f"{args.preset}_{scale}" if args.preset else run_name(first))
                + ("" if sweep else f"_s{axes['seed'][0]}"))
     runs, sources = [], {}
-    for name, config in resolved.items():
-        source = config_sources(args.preset, scale, name, typed) if args.preset else {}
-        name = name or run_name(config)
+    for key, config in resolved.items():
+        source = config_sources(args.preset, scale, key, typed) if args.preset else {}
+        name = key or run_name(config)
         for lr in axes["lr"]:
             for c in axes["c"]:  # the paper's constant c, swept as §3 did
                 for seed in axes["seed"]:
                     swept = "_".join(f"{k}{v:g}" for k, v in (("lr", lr), ("c", c)) if len(axes[k]) > 1)
                     folder = out / name / swept / f"seed{seed}" if sweep else out  # swept: lr, c folders
-                    runs.append((folder, dict(config, lr=lr, c=c, seed=seed)))
+                    runs.append((folder, resolve_config({**flags_of[key], "lr": lr, "c": c, "seed": seed})))
                     sources[folder] = source
     label = f"preset {args.preset}, {scale} scale: {description}" if args.preset else run_name(first)
     return Grid(label, out, [name or run_name(cfg) for name, cfg in resolved.items()], runs, sweep, args, sources)
@@ -111,7 +127,7 @@ def config_sources(preset, scale, name, typed):
     one = {"lrs": "lr", "cs": "c", "seeds": "seed"}
     source = {one.get(k, k): v for k, v in presets.config_sources(preset, scale, name).items()}
     for key in typed:
-        if key in DEFAULTS and key != "out" or key in ("lrs", "cs", "seeds"):
+        if hasattr(DEFAULTS, key) or key in ("lrs", "cs", "seeds"):
             source[one.get(key, key)] = f"your flag --{key.replace('_', '-')}"
     return source
 
@@ -123,8 +139,8 @@ def dry_run(runs, sources):
     for folder, cfg in runs:
         key = json.dumps(model_config_kwargs(cfg), sort_keys=True)
         if key not in sizes:  # a --pretrained model is not downloaded for this
-            sizes[key] = None if cfg["pretrained"] else sum(p.numel() for p in build_model(cfg).parameters())
-        print(json.dumps({"run": str(folder), "params": sizes[key], **cfg, "source": sources.get(folder, {})},
+            sizes[key] = None if cfg.pretrained else sum(p.numel() for p in build_model(cfg).parameters())
+        print(json.dumps({"run": str(folder), "params": sizes[key], **asdict(cfg), "source": sources.get(folder, {})},
                          ensure_ascii=False))
     print(f"{len(runs)} runs", file=sys.stderr)
 
@@ -166,13 +182,13 @@ def run_sweep(runs, out, names, title):
                              f"--nproc_per_node {len(pending)} or fewer")
     for folder, cfg in pending[rank::world]:
         if world > 1:
-            cfg = dict(cfg, device=rank_device(cfg["device"], local_rank, torch.cuda.device_count()))
+            cfg = replace(cfg, device=rank_device(cfg.device, local_rank, torch.cuda.device_count()))
         print(f"=== {folder}" + (f" (rank {rank} of {world})" if world > 1 else ""), flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "trained_by", "a") as f:
             f.write(f"rank {rank} of {world}\n")
         try:
-            train(dict(cfg, out=str(folder)))
+            train(cfg, folder)
         except Diverged as e:
             print(f"failed: {folder}: {e}; the sweep goes on", flush=True)
     if world > 1:
@@ -188,14 +204,16 @@ def run_sweep(runs, out, names, title):
 # Finished runs: eval at new lengths, plot
 
 def eval_command(argv):
-    parser = argparse.ArgumentParser(prog="train.py eval", description="evaluate a finished (or stopped) run "
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep eval",
+                                     description="evaluate a finished (or stopped) run "
                                      "at new lengths and redraw its attention maps on one example")
     parser.add_argument("run", help="a run folder with checkpoint.pt")
     parser.add_argument("--lens", type=int_list, help="comma-separated lengths (default: the run's eval lengths)")
     parser.add_argument("--task", choices=TASKS, help="another task with the same tokens (e.g. stack for a copy model)")
     parser.add_argument("--example-len", type=int, help="length of the example the maps show (default: train length)")
     parser.add_argument("--example-seed", type=int, default=0, help="which example (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=CHOICES["device"], help="auto: CUDA if there is a GPU")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: CUDA if there is a GPU")
     args = parser.parse_args(argv)
     folder = Path(args.run)
     saved = load_checkpoint(folder)
@@ -204,12 +222,12 @@ def eval_command(argv):
     cfg = resolve_config(dict(saved["config"], device=args.device))  # fills flags added since the run trained
     model = build_model(cfg)  # mimetic init included: a mimetic state dict loads into a mimetic model
     model.load_state_dict(saved["model"])
-    task = args.task or cfg["task"]
-    have, need = (task_vocab_size(t, cfg["vocab_size"]) for t in (cfg["task"], task))
+    task = args.task or cfg.task
+    have, need = (task_vocab_size(t, cfg.vocab_size) for t in (cfg.task, task))
     if need != have:
-        fail(f"{folder} was trained on {cfg['task']} with {have} tokens; {task} with its --vocab-size "
-             f"{cfg['vocab_size']} needs {need}: evaluate a task with the same tokens")
-    device = torch.device(cfg["device"])
+        fail(f"{folder} was trained on {cfg.task} with {have} tokens; {task} with its --vocab-size "
+             f"{cfg.vocab_size} needs {need}: evaluate a task with the same tokens")
+    device = torch.device(cfg.device)
     model.to(device)
     try:
         results = evaluate_lengths(model, cfg, device, args.lens, task)
@@ -218,18 +236,19 @@ def eval_command(argv):
         fail(e)
     row = {"step": saved["run"]["step"], **{m: {str(n): r[m] for n, r in results.items()} for m in METRICS}}
     print(f"{folder} ({task}):")
-    print_table(row, cfg["train_len"])
+    print_table(row, cfg.train_len)
     path = folder / "eval.json"
     evals = json.loads(path.read_text()) if path.exists() else {}
     evals.setdefault(task, {}).update({str(n): r for n, r in results.items()})
     path.write_text(json.dumps(evals, indent=2))
     figures.plot_attention(figures.attention_panels(model, example), f"{folder.name}: {task}, length "
-                           f"{args.example_len or cfg['train_len']}, step {row['step']}", folder / "attention_eval.png")
+                           f"{args.example_len or cfg.train_len}, step {row['step']}", folder / "attention_eval.png")
     print(f"wrote {path} and {folder / 'attention_eval.png'}")
 
 
 def plot_command(argv):
-    parser = argparse.ArgumentParser(prog="train.py plot", description="overlay the accuracy of run folders")
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep plot",
+                                     description="overlay the accuracy of run folders")
     parser.add_argument("runs", nargs="+", help="run folders, or config folders of seed subfolders (mean ± std)")
     parser.add_argument("--out", default="accuracy_compare.png", help="figure path (default: %(default)s)")
     parser.add_argument("--final", action="store_true", help="bars of the final values, not curves")
@@ -257,7 +276,8 @@ def plot_command(argv):
 
 
 def summary_command(argv):
-    parser = argparse.ArgumentParser(prog="train.py summary", description="a sweep's summary (tables and figures) "
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep summary",
+                                     description="a sweep's summary (tables and figures) "
                                      "from its runs' config.json and metrics.jsonl, e.g. those under results/")
     parser.add_argument("folder", help="a sweep's folder: config folders of seed<k>/ run folders")
     parser.add_argument("--configs", help="comma-separated config folders, in table order (default: all, sorted)")
@@ -284,7 +304,7 @@ def layer_map(folder, layer):
 
 
 def main(argv=None):
-    """train.py's commands beyond one run: eval, plot, summary, and a grid of runs (or its --dry-run)."""
+    """The commands beyond one run: eval, plot, summary, and a grid of runs (or its --dry-run)."""
     argv = sys.argv[1:] if argv is None else argv
     commands = dict(eval=eval_command, plot=plot_command, summary=summary_command)
     if argv[:1] and argv[0] in commands:
