@@ -44,7 +44,7 @@ use_kernels = kernels is not None  # set False to force the readable loop (tests
 SOFTPLUS_INV_1 = math.log(math.e - 1)  # softplus⁻¹(1) ≈ 0.5413: the mimetic dt bias (§3.1)
 
 
-# ---- Selective scan (Eq. 2–3): the readable loop is the spec, mimetic_kernels.py the fast path ---
+# ---- Selective scan (Eq. 2–3): the readable loop is the spec, mimetic_kernels.py the fast path
 
 def selective_scan_loop(u, delta, A, B, C, new_example=None, return_last_state=False):
     """The selective scan, one time step at a time: the spec that every fast path is tested against.
@@ -132,7 +132,8 @@ def causal_conv(layer, x, new_example=None):
     return out if bias is None else out + bias
 
 def dt_bias_init(n, dt_min, dt_max, dt_init_floor):
-    """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored; bias = softplus⁻¹(Δ)."""
+    """The reference Δ init: Δ ~ log-uniform[dt_min, dt_max], floored.
+    The bias is softplus⁻¹(Δ)."""
     if not 0 < dt_min <= dt_max:
         raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
     log_dt = torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
@@ -188,7 +189,8 @@ class SelectiveSSM(nn.Module):
 
     @property
     def A(self):
-        """A = −exp(A_log), or the mimetic A = −exp(−c · A_log) while mimetic_c holds c; in fp32."""
+        """A = −exp(A_log), or the mimetic A = −exp(−c · A_log) while mimetic_c holds c.
+        In fp32."""
         A_log = self.A_log.float()
         return -torch.exp(A_log if self.mimetic_c is None else -self.mimetic_c * A_log)
 
@@ -269,7 +271,7 @@ class Mamba2(SelectiveSSM):
         return self.out_proj(y)  # (b, L, d_model)
 
 
-# ---- Baselines: softmax attention (the hybrid's layer, §3 Fig. 2), linear attention (Fig. 5) -----
+# ---- Baselines: softmax attention (the hybrid's layer, §3 Fig. 2), linear attention (Fig. 5) ----
 
 def _split_heads(t, n_heads):
     return t.view(*t.shape[:2], n_heads, -1).transpose(1, 2)  # (b, L, h·d) → (b, h, L, d)
@@ -326,7 +328,7 @@ class LinearAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).flatten(2))  # (b, h, L, d) → (b, L, d_model)
 
 
-# ---- The language model: embedding → pre-norm residual blocks → final norm → tied head -----------
+# ---- The language model: embedding → pre-norm residual blocks → final norm → tied head -----
 
 @dataclass(frozen=True)
 class Arch:
@@ -559,7 +561,7 @@ def mamba_layers(module):
     return {i: m for i, m in sequence_mixers(module).items() if layout_of(m)}
 
 
-# ---- Mimetic initialization (§3), of our blocks and of transformers' and mamba_ssm's Mambas ------
+# ---- Mimetic initialization (§3), of our blocks and of transformers' and mamba_ssm's Mambas -----
 
 class MimeticA(nn.Module):
     """Makes another library's A mimetic without editing its source: registered as a
@@ -620,7 +622,8 @@ def _average_W_C_with_W_B_(layer, where):
     layer.register_buffer("mimetic_W_C", W_C(), persistent=False)
 
 def _set_identity_conv_(layer):
-    """conv1d ≈ identity (§3, Fig. 3): 1 on the current token's tap (the last), else 0; bias 0."""
+    """conv1d ≈ identity (§3, Fig. 3): 1 on the current token's tap (the last), else 0, and no
+    bias."""
     layer.conv1d.weight.zero_()
     layer.conv1d.weight[:, 0, -1] = 1.0
     if layer.conv1d.bias is not None:
@@ -743,7 +746,7 @@ def ssm_params(layer, hidden_states):
     return delta, A.expand(-1, B.shape[-1]), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)
 
 
-# ---- Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā --------------
+# ---- Attention maps (§2): M_d of Eq. 8, its channel average and the average mask ∏Ā ----------
 
 def segsum(log_a):
     """Segment sums, (..., L) → (..., L, L): S[..., i, j] = Σ_{k=j+1..i} log_a[..., k] for i ≥ j,
@@ -858,7 +861,7 @@ def format_report(rows):
     return "\n".join(" ".join(s.rjust(12) for s in line) for line in table)
 
 
-# ---- Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1) -----------
+# ---- Synthetic tasks (§2 "Copying task", "Multi-query associative recall"; Mamba §4.1) ---------
 # Every task is teacher-forced next-token prediction: targets[:, t] labels the prediction made after
 # reading inputs[:, :t+1], and is -100 (cross_entropy's ignore_index) where there is nothing to
 # predict. TASK_VOCAB[task]: the default V (vocab_size) of content tokens 0..V-1, and the names of
