@@ -696,7 +696,7 @@ def bake_mimetic_A_(module):
 def mixer_inputs(model, input_ids):
     """{index: (b, L, d_model)}: what each of sequence_mixers(model) reads (after its block's norm)
     in model(input_ids). Forward pre-hooks catch it, rather than a library's numbering of
-    hidden_states (transformers 5's are block outputs)."""
+    hidden_states, which is not ours to pin (it has changed between transformers versions)."""
     mixers = sequence_mixers(model)
     index = {id(m): i for i, m in mixers.items()}
     seen = {}
