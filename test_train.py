@@ -17,7 +17,7 @@ import torch
 
 import mimetic
 import train
-from experiments import figures, pipeline, presets, runtime, sweep
+from experiments import factor_table, figures, pipeline, presets, runtime, sweep
 from conftest import HERE
 
 TINY = ["--d-model", "16", "--n-layers", "2", "--d-state", "4", "--headdim", "8", "--vocab-size", "4",
@@ -796,3 +796,23 @@ def test_a_sweep_whose_runs_all_pause_exits_cleanly_and_writes_the_summary_once_
     assert "no summary" in capsys.readouterr().out and not (tmp_path / "summary.md").exists()
     sweep.main(args)
     assert (tmp_path / "summary.md").exists() and len(list(tmp_path.glob("*/seed*/done"))) == 2
+
+
+def test_factor_table_finds_the_plateau_exit_and_the_first_steps_at_half_exact_match(tmp_path, capsys):
+    """Issue 39's table from a sweep's folders: the first eval under 0.9 ln(vocab), the first step with exact
+    match ≥ 0.5 at 1× and 2× (a seed that never gets there counted apart), and the last eval's metrics."""
+    def row(step, loss, em1, em2):
+        return {"step": step, "loss": loss, "exact_match": {"4": em1, "8": em2}, "token_acc": {"4": em1, "8": em2}}
+    runs = {"seed0": [row(0, None, 0, 0), row(10, 3.0, 0, 0), row(20, 2.0, 0.6, 0.1), row(30, 1.0, 0.9, 0.5)],
+            "seed1": [row(0, None, 0, 0), row(10, 2.5, 0.5, 0), row(20, 2.4, 0.7, 0.2), row(30, 2.0, 0.8, 0.3)]}
+    for seed, rows in runs.items():
+        folder = tmp_path / "cell" / "mamba2_mimetic" / seed
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"vocab_size": 26, "eval_lens": [4, 8], "steps": 30}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert 0.9 * math.log(26) < 3.0  # seed 0 leaves the plateau at step 20, seed 1 at step 10
+    assert factor_table.run_facts({"vocab_size": 26, "eval_lens": [4, 8]}, runs["seed0"]) == {
+        "exit": 20, "em1_step": 20, "em2_step": 30, "em1": 0.9, "em2": 0.5, "tok1": 0.9, "tok2": 0.5, "step": 30}
+    factor_table.table(tmp_path, ["cell"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("| cell | mimetic | 2 | 15 ± 7 | 15 ± 7 | 30 (1 never) | 0.850 ± 0.071 | 0.400 ± 0.141 |")

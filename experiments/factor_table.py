@@ -113,6 +113,8 @@ if __name__ == "__main__":
     if not root.is_dir():
         sys.exit(f"no folder {root}")
     cells = args[1:] or sorted(p.name for p in root.iterdir() if p.is_dir())
+    if missing := [cell for cell in cells if not (root / cell).is_dir()]:
+        sys.exit(f"no cell {', '.join(missing)} in {root}")
     if out:
         plot(root, cells, out)
     else:
