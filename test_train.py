@@ -679,6 +679,25 @@ def test_resuming_with_other_flags_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.long
+def test_a_finished_folder_of_another_config_is_a_clear_error_not_its_table(tmp_path, capsys):
+    """A folder with `done` shows its table only to the command that trained it (the machine's flags
+    aside, and config.json's string keys read as the flags' ints); any other config is the resume
+    check's one-line error naming the flags that differ."""
+    out = tmp_path / "run"
+    args = [*TINY, "--steps", "2", "--eval-every", "2", "--layer-d-state", "1:8", "--out", str(out)]
+    train.main(args)
+    capsys.readouterr()
+    train.main([*args, "--threads", "2", "--stop-at", "1"])  # another machine: still this run
+    assert f"{out} is finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*args, "--lr", "1e-4", "--d-model", "8"])
+    said = capsys.readouterr()
+    assert exit_info.value.code == 2 and "is finished" not in said.out and len(said.err.splitlines()) == 1
+    assert "--d-model 16 there, 8 here, --lr 0.003 there, 0.0001 here" in said.err
+    assert len(rows_of(out)) == 2 and (out / "done").exists()
+
+
+@pytest.mark.long
 def test_torchrun_shares_a_sweep_between_two_processes(tmp_path):
     """Every run exists once, was trained by one rank, and rank 0's summary covers them all."""
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")

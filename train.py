@@ -293,8 +293,11 @@ class Diverged(RuntimeError):
 
 
 def check_same_run(saved, cfg, out):
-    """ValueError unless the config saved in a run folder's checkpoint is this one (the machine aside)."""
-    here, saved = asdict(cfg), {**asdict(Config()), **saved}  # a flag added since: it trained with its default
+    """ValueError unless the config saved in a run folder (its checkpoint's, or its config.json) is this
+    one, the machine aside."""
+    as_json = lambda config: json.loads(json.dumps(config))  # as config.json holds it: {1: 8} is {"1": 8}
+    here = as_json(asdict(cfg))
+    saved = as_json({**asdict(Config()), **saved})  # a flag added since: it trained with its default
     if diff := [k for k in here if k not in RUN_ONLY and saved.get(k) != here[k]]:
         details = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} there, {here[k]} here" for k in diff[:3])
         raise ValueError(f"{out} holds a run of another config ({details}); use another --out or delete it")
@@ -521,6 +524,7 @@ def run_one(cfg, out, label):
     print(f"{label}: 1 run into {out}")
     try:
         if (out / "done").exists():
+            check_same_run(json.loads((out / "config.json").read_text()), cfg, out)
             print(f"{out} is finished (delete it to train again):")
             print_table(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]), cfg.train_len)
         else:
