@@ -270,10 +270,11 @@ def test_dry_run_names_the_source_of_every_value_a_preset_sets(capsys):
 
 
 @pytest.mark.long
-def test_a_new_architecture_is_one_registry_entry_and_trains_through_train_py(tmp_path, monkeypatch, capsys):
-    """mimetic.ARCHS["toy"] (test_mimetic.py's ToyMixer, a causal depthwise conv) and nothing else: --arch offers
-    it, its size comes from the entry's defaults, and train.py's one run trains it into a folder with every
-    output (its attention map panels say it has none)."""
+def test_a_new_architecture_entry_is_a_flag_of_train_py_and_trains_into_a_folder(tmp_path, monkeypatch, capsys):
+    """What train.py adds to test_mimetic.py's registry test (the entry builds its class and learns): --arch
+    offers mimetic.ARCHS["toy"] while it is registered and refuses it after, resolve_config fills its pattern
+    and size from the entry, and one run writes its folder: the attention maps, and no report (no Mamba
+    layer)."""
     from test_mimetic import ToyMixer
     monkeypatch.setitem(mimetic.ARCHS, "toy", mimetic.Arch("T", lambda cfg, i: ToyMixer(cfg.d_model, cfg.d_state),
                                                            dict(d_state=6)))
@@ -284,12 +285,9 @@ def test_a_new_architecture_is_one_registry_entry_and_trains_through_train_py(tm
     assert "copy_toy_default: 1 run into" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert (config["arch"], config["pattern"], config["d_state"]) == ("toy", "TT", 6)
-    model = train.build_model(train.resolve_config(config))  # the folder's config.json makes the same model
-    assert [type(block.mixer) for block in model.layers] == [ToyMixer, ToyMixer]
     assert [r["step"] for r in rows_of(out)] == [0, 2, 4] and (out / "done").exists()
-    assert (out / "attention_final.png").exists() and not (out / "report_final.json").exists()  # no Mamba layer
+    assert (out / "attention_final.png").exists() and not (out / "report_final.json").exists()
     monkeypatch.undo()
-    assert "toy" not in mimetic.ARCHS
     with pytest.raises(SystemExit):
         train.main([*args, "--out", str(tmp_path / "gone")])
     assert "invalid choice: 'toy'" in capsys.readouterr().err
