@@ -333,24 +333,23 @@ def test_reset_state_gives_the_model_each_bos_as_a_new_example(monkeypatch):
     changes the loss of rows that hold more than one labeled example; without it, the model sees the
     inputs alone, as before the flag existed."""
     calls, forward = [], mimetic.LM.forward
-    spy = lambda model, input_ids, new_example=None: calls.append(new_example) or forward(
+    spy = lambda model, input_ids, new_example=None: calls.append((input_ids, new_example)) or forward(
         model, input_ids, new_example)
     monkeypatch.setattr(mimetic.LM, "forward", spy)
     losses = {}
     for reset in (False, True):
-        run = train.Run(train.resolve_config(dict(d_model=16, d_state=4, headdim=8, vocab_size=4, train_len=4,
-                                                  batch_size=8, pack=30, reset_state=reset, threads=1,
-                                                  device="cpu")))
-        inputs, _ = train.training_batch(run.cfg, torch.Generator().manual_seed(0))  # its first batch
+        cfg = train.resolve_config(dict(d_model=16, d_state=4, headdim=8, vocab_size=4, train_len=4,
+                                        batch_size=8, pack=30, reset_state=reset, steps=1, eval_every=1,
+                                        eval_batches=1, eval_lens=[4], threads=1, device="cpu"))
+        inputs, _ = train.training_batch(cfg, torch.Generator().manual_seed(0))  # its first batch
         calls.clear()
-        run.train_step()
-        losses[reset] = run.read_losses()[1]
-        new_example, = calls
+        losses[reset] = train.train(cfg)["loss"]  # the row at step 1: the first step's loss
+        (_, new_example), = [call for call in calls if torch.equal(call[0], inputs)]  # the step's call
         if reset:  # BOS = 4 content tokens + SEP, STOP; two or more examples a row
             assert torch.equal(new_example, inputs == 6) and new_example.sum() >= 2 * len(inputs)
         else:
             assert new_example is None
-    assert run.cfg.reset_state and abs(losses[True] - losses[False]) > 1e-4
+    assert abs(losses[True] - losses[False]) > 1e-4
 
 
 def test_a_checkpoint_written_before_a_flag_existed_resumes_with_its_default(tmp_path):
@@ -559,19 +558,14 @@ def test_stop_at_pauses_with_the_full_schedule_and_resumes_to_the_uninterrupted_
 
 
 @pytest.mark.long
-def test_the_cuda_loop_prefetching_batches_and_reading_losses_every_k_steps_trains_the_same_run(tmp_path,
-                                                                                               monkeypatch):
-    """On CUDA the next batch is built before the loss is read and losses are read every --sync-every steps:
-    forced on here, on the CPU, a run paused and resumed gives the plain loop's metrics, losses included."""
+def test_the_loop_prefetching_batches_and_reading_losses_every_k_steps_trains_the_same_run(tmp_path):
+    """The next batch is built before the loss is read (on CUDA, while the GPU works) and, with
+    --sync-every 3 (CUDA's default is 10), losses are read every 3 steps: a run paused at a step off
+    that grid, its checkpoint taken with a batch already built, resumes to the metrics of a run that
+    reads every loss and never stops, losses included."""
     args = [*TINY, "--steps", "20", "--eval-every", "10", "--pack", "14"]
     train.main([*args, "--out", str(tmp_path / "plain")])
-    init = train.Run.__init__
-
-    def cuda_like(self, cfg, out=None):
-        init(self, cfg, out)
-        self.prefetch = True
-    monkeypatch.setattr(train.Run, "__init__", cuda_like)
-    out = tmp_path / "cuda_like"
+    out = tmp_path / "every_3"
     train.main([*args, "--sync-every", "3", "--stop-at", "7", "--out", str(out)])
     assert json.loads((out / "config.json").read_text())["sync_every"] == 3
     train.main([*args, "--sync-every", "3", "--out", str(out)])
@@ -581,16 +575,18 @@ def test_the_cuda_loop_prefetching_batches_and_reading_losses_every_k_steps_trai
 
 @pytest.mark.long
 def test_reading_the_loss_every_k_steps_stops_a_diverged_run_within_k_steps(tmp_path, monkeypatch):
-    trained = []
-    step = train.Run.train_step
-    monkeypatch.setattr(train.Run, "train_step", lambda self: (step(self), trained.append(self.step)))
+    read_at = []  # the step of each read of the losses
+    read = train.read_losses
+    monkeypatch.setattr(train, "read_losses", lambda losses, progress: (read_at.append(progress.step),
+                                                                         read(losses, progress))[1])
     failed_at = {}
     for k in (1, 7):
-        trained.clear()
+        read_at.clear()
         with pytest.raises(SystemExit):
             train.main([*TINY, "--steps", "40", "--lr", "1e9", "--grad-clip", "0", "--sync-every", str(k),
                         "--out", str(tmp_path / str(k))])
-        failed_at[k] = (tmp_path / str(k) / "failed").read_text().split(":")[0], len(trained)
+        assert all(step % k == 0 for step in read_at)
+        failed_at[k] = (tmp_path / str(k) / "failed").read_text().split(":")[0], read_at[-1]
     (first, steps_1), (named, steps_7) = failed_at[1], failed_at[7]
     assert first == named == f"step {steps_1}"  # the same first non-finite step, named by both
     assert steps_1 <= steps_7 < steps_1 + 7 and steps_7 % 7 == 0

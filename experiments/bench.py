@@ -458,21 +458,43 @@ def check_scans(c_by_kind, device):
 
 
 def _time_run(c, device, steps, warmup=2):
-    """(ms per training step, ms per evaluation) of train.py's Run for config c, as training runs it; the
+    """(ms per training step, ms per evaluation) for config c: the step of train.py's loop (a batch,
+    the forward under autocast, backward, clip, AdamW, schedule), made of train.py's pieces; the
     evaluation timed on one batch per length, times --eval-batches."""
     import train
-    run = train.Run(dataclasses.replace(c, device=str(device)))
+    from experiments import pipeline, runtime
+    c = dataclasses.replace(c, device=str(device))
+    device = train.setup_device(c)
+    torch.manual_seed(c.seed)
+    model = train.build_model(c).to(device)
+    torch.set_num_threads(c.threads or runtime.default_threads(sum(p.numel() for p in model.parameters())))
+    opt, schedule = train.build_optimizer(model, c)
+    batches = torch.Generator().manual_seed(c.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():  # as train.py's loop runs it; the loss stays on the device
+        inputs, targets = (t.to(device) for t in train.training_batch(c, batches))
+        new_example = pipeline.example_starts(c, inputs) if c.reset_state else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.dtype == "bf16"):
+            logits = model(inputs) if new_example is None else model(inputs, new_example)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        opt.step()
+        schedule.step()
+        return loss.detach()
+
     for _ in range(warmup):  # Triton's compile, the allocator, caches
-        run.train_step()
-    run.read_losses()
+        step()
+    sync()
     start = time.perf_counter()
-    for _ in range(steps):
-        run.train_step()
-    run.read_losses()  # waits for the GPU
+    losses = [step() for _ in range(steps)]
+    torch.stack(losses).tolist()  # waits for the GPU, as train.py's read of the losses
     step_ms = 1e3 * (time.perf_counter() - start) / steps
     start = time.perf_counter()
-    train.evaluate_lengths(run.model, dataclasses.replace(run.cfg, eval_batches=1), run.device)
+    train.evaluate_lengths(model, dataclasses.replace(c, eval_batches=1), device)
     sync()
     return step_ms, 1e3 * (time.perf_counter() - start) * c.eval_batches
 
@@ -495,7 +517,7 @@ def check(args):
             if not c.pretrained:
                 first.setdefault(c.pattern or c.arch, (preset, c))
     ok = check_scans({kind: first[kind][1] for kind in ("mamba1", "mamba2")}, device)
-    print(f"\n## training step (forward, backward, AdamW; train.py's Run), {scale} scale, {steps} steps after 2 "
+    print(f"\n## training step (forward, backward, AdamW; train.py's loop), {scale} scale, {steps} steps after 2 "
           f"warm-up\n| architecture | from | d_model × layers, N | batch × train length | fp32 ms | bf16 ms | "
           f"bf16 / fp32 |\n"
           f"|---|---|---|---|---:|---:|---:|")
