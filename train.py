@@ -402,6 +402,37 @@ def check_same_run(saved, cfg, out):
 # --------------------------------------------------------------------------------------------------
 # The training loop, and the helpers around it
 
+def build_run(cfg):
+    """(device, model, optimizer, schedule, batch generator) of a run at step 0: the model seeded by
+    --seed and mimetic-initialized as asked, the threads set for its size."""
+    device = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's, on this machine
+    torch.set_num_threads(cfg.threads or default_threads(n_params, local_processes))
+    opt, schedule = build_optimizer(model, cfg)
+    batches = torch.Generator().manual_seed(cfg.seed)  # the training batches' own random stream
+    return device, model, opt, schedule, batches
+
+
+def train_step(model, opt, schedule, cfg, inputs, targets):
+    """One optimizer step on a batch: the forward (under bf16 autocast with --dtype bf16; with
+    --reset-state, each packed example from a fresh state), the loss, backward, clip, AdamW and the
+    schedule. Returns the loss, still on the device (reading it waits for the GPU)."""
+    new_example = pipeline.example_starts(cfg, inputs) if cfg.reset_state else None
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        logits = model(inputs) if new_example is None else model(inputs, new_example)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    schedule.step()
+    return loss.detach()
+
+
 class Diverged(RuntimeError):
     """The loss became NaN or Inf."""
 
@@ -413,14 +444,8 @@ def train(cfg, out=None):
     KeyboardInterrupt when stopped early, after writing the outputs."""
     cfg = replace(cfg)  # a copy: the run notes its scan backends in it
     out = Path(out) if out else None
-    device = setup_device(cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    device, model, opt, schedule, batches = build_run(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's, on this machine
-    torch.set_num_threads(cfg.threads or default_threads(n_params, local_processes))
-    opt, schedule = build_optimizer(model, cfg)
-    batches = torch.Generator().manual_seed(cfg.seed)  # the training batches' own random stream
     progress = resume(out, cfg, model, opt, schedule, batches) if out else None
     resumed = progress is not None
     if resumed:
@@ -454,22 +479,11 @@ def train(cfg, out=None):
     with StopRequest() as stop:  # Ctrl-C and SIGTERM set stop.requested
         while progress.step < stop_at:
             start = time.time()
-            inputs, targets = batch
-            new_example = pipeline.example_starts(cfg, inputs) if cfg.reset_state else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-                logits = model(inputs) if new_example is None else model(inputs, new_example)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                   ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            schedule.step()
+            loss = train_step(model, opt, schedule, cfg, *batch)
+            progress.tokens += batch[0].numel()
             batch_state, batch = next_batch(cfg, batches, device)  # as the GPU works on this step
-            losses.append(loss.detach())
+            losses.append(loss)
             progress.step += 1
-            progress.tokens += inputs.numel()
             progress.train_time += time.time() - start
 
             step, last = progress.step, progress.step == cfg.steps

@@ -458,33 +458,15 @@ def check_scans(c_by_kind, device):
 
 
 def _time_run(c, device, steps, warmup=2):
-    """(ms per training step, ms per evaluation) for config c: the step of train.py's loop (a batch,
-    the forward under autocast, backward, clip, AdamW, schedule), made of train.py's pieces; the
-    evaluation timed on one batch per length, times --eval-batches."""
+    """(ms per training step, ms per evaluation) for config c: train.py's train_step on its
+    next_batch, as its loop runs them; the evaluation timed on one batch per length, times
+    --eval-batches."""
     import train
-    from experiments import pipeline, runtime
-    c = dataclasses.replace(c, device=str(device))
-    device = train.setup_device(c)
-    torch.manual_seed(c.seed)
-    model = train.build_model(c).to(device)
-    torch.set_num_threads(c.threads or runtime.default_threads(sum(p.numel() for p in model.parameters())))
-    opt, schedule = train.build_optimizer(model, c)
-    batches = torch.Generator().manual_seed(c.seed)
+    device, model, opt, schedule, batches = train.build_run(dataclasses.replace(c, device=str(device)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step():  # as train.py's loop runs it; the loss stays on the device
-        inputs, targets = (t.to(device) for t in train.training_batch(c, batches))
-        new_example = pipeline.example_starts(c, inputs) if c.reset_state else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.dtype == "bf16"):
-            logits = model(inputs) if new_example is None else model(inputs, new_example)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        opt.step()
-        schedule.step()
-        return loss.detach()
+    def step():  # train.py's step on its next batch; the loss stays on the device
+        return train.train_step(model, opt, schedule, c, *train.next_batch(c, batches, device)[1])
 
     for _ in range(warmup):  # Triton's compile, the allocator, caches
         step()
