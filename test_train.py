@@ -489,6 +489,10 @@ def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp
     capsys.readouterr()
     sweep.main(args)
     assert capsys.readouterr().out.count("skip") == 4
+    with pytest.raises(SystemExit):  # the same folders with another --steps: an error, not 4 skips
+        sweep.main([*args, "--steps", "3"])
+    captured = capsys.readouterr()
+    assert "--steps 2 there, 3 here" in captured.err and "skip" not in captured.out
 
 
 @pytest.mark.long
@@ -707,8 +711,8 @@ def test_torchrun_shares_a_sweep_between_two_processes(tmp_path):
     assert all(len(lines) == 1 for lines in ranks) and {lines[0] for lines in ranks} == {"rank 0 of 2", "rank 1 of 2"}
     summary = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} | 1 |" in summary for name in preset("fig1")[2])
-    three = subprocess.run([c if c != "2" else "3" for c in command[:4]] + command[4:] + ["--steps", "3"],
-                           capture_output=True, text=True, timeout=600, cwd=HERE)  # finished runs count
+    three = subprocess.run([c if c != "2" else "3" for c in command[:4]] + command[4:],
+                           capture_output=True, text=True, timeout=600, cwd=HERE)  # 3 ranks, 0 runs left
     assert three.returncode == 0 and three.stdout.count("skip") == 4, three.stderr[-2000:]
     (runs[0] / "done").unlink()
     too_many = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
