@@ -764,7 +764,7 @@ def test_a_new_architecture_is_one_registry_entry_and_its_class(monkeypatch):
     hybrid = LM(ModelConfig(vocab_size=10, d_model=16, n_layers=3, arch="mamba2", pattern="MTA", headdim=8))
     assert [type(block.mixer) for block in hybrid.layers] == [Mamba2, ToyMixer, Attention]
     losses = copy_steps(model, torch.optim.AdamW(model.parameters(), lr=3e-2), [4] * 20, 16, 8,
-                        torch.Generator().manual_seed(0))  # (test_train.py trains it through train.py)
+                        torch.Generator().manual_seed(0))  # (test_train.py: its --arch flag and run folder)
     assert losses[0] > 2 and losses[-1] < 0.1, losses  # from chance (ln 8 ≈ 2.08 a token) to copying
     monkeypatch.undo()
     assert "toy" not in mimetic.ARCHS

@@ -270,10 +270,11 @@ def test_dry_run_names_the_source_of_every_value_a_preset_sets(capsys):
 
 
 @pytest.mark.long
-def test_a_new_architecture_is_one_registry_entry_and_trains_through_train_py(tmp_path, monkeypatch, capsys):
-    """mimetic.ARCHS["toy"] (test_mimetic.py's ToyMixer, a causal depthwise conv) and nothing else: --arch offers
-    it, its size comes from the entry's defaults, and train.py's one run trains it into a folder with every
-    output (its attention map panels say it has none)."""
+def test_a_new_architecture_entry_is_a_flag_of_train_py_and_trains_into_a_folder(tmp_path, monkeypatch, capsys):
+    """What train.py adds to test_mimetic.py's registry test (the entry builds its class and learns): --arch
+    offers mimetic.ARCHS["toy"] while it is registered and refuses it after, resolve_config fills its pattern
+    and size from the entry, and one run writes its folder: the attention maps, and no report (no Mamba
+    layer)."""
     from test_mimetic import ToyMixer
     monkeypatch.setitem(mimetic.ARCHS, "toy", mimetic.Arch("T", lambda cfg, i: ToyMixer(cfg.d_model, cfg.d_state),
                                                            dict(d_state=6)))
@@ -284,12 +285,9 @@ def test_a_new_architecture_is_one_registry_entry_and_trains_through_train_py(tm
     assert "copy_toy_default: 1 run into" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert (config["arch"], config["pattern"], config["d_state"]) == ("toy", "TT", 6)
-    model = train.build_model(train.resolve_config(config))  # the folder's config.json makes the same model
-    assert [type(block.mixer) for block in model.layers] == [ToyMixer, ToyMixer]
     assert [r["step"] for r in rows_of(out)] == [0, 2, 4] and (out / "done").exists()
-    assert (out / "attention_final.png").exists() and not (out / "report_final.json").exists()  # no Mamba layer
+    assert (out / "attention_final.png").exists() and not (out / "report_final.json").exists()
     monkeypatch.undo()
-    assert "toy" not in mimetic.ARCHS
     with pytest.raises(SystemExit):
         train.main([*args, "--out", str(tmp_path / "gone")])
     assert "invalid choice: 'toy'" in capsys.readouterr().err
@@ -335,24 +333,23 @@ def test_reset_state_gives_the_model_each_bos_as_a_new_example(monkeypatch):
     changes the loss of rows that hold more than one labeled example; without it, the model sees the
     inputs alone, as before the flag existed."""
     calls, forward = [], mimetic.LM.forward
-    spy = lambda model, input_ids, new_example=None: calls.append(new_example) or forward(
+    spy = lambda model, input_ids, new_example=None: calls.append((input_ids, new_example)) or forward(
         model, input_ids, new_example)
     monkeypatch.setattr(mimetic.LM, "forward", spy)
     losses = {}
     for reset in (False, True):
-        run = train.Run(train.resolve_config(dict(d_model=16, d_state=4, headdim=8, vocab_size=4, train_len=4,
-                                                  batch_size=8, pack=30, reset_state=reset, threads=1,
-                                                  device="cpu")))
-        inputs, _ = train.training_batch(run.cfg, torch.Generator().manual_seed(0))  # its first batch
+        cfg = train.resolve_config(dict(d_model=16, d_state=4, headdim=8, vocab_size=4, train_len=4,
+                                        batch_size=8, pack=30, reset_state=reset, steps=1, eval_every=1,
+                                        eval_batches=1, eval_lens=[4], threads=1, device="cpu"))
+        inputs, _ = train.training_batch(cfg, torch.Generator().manual_seed(0))  # its first batch
         calls.clear()
-        run.train_step()
-        losses[reset] = run.read_losses()[1]
-        new_example, = calls
+        losses[reset] = train.train(cfg)["loss"]  # the row at step 1: the first step's loss
+        (_, new_example), = [call for call in calls if torch.equal(call[0], inputs)]  # the step's call
         if reset:  # BOS = 4 content tokens + SEP, STOP; two or more examples a row
             assert torch.equal(new_example, inputs == 6) and new_example.sum() >= 2 * len(inputs)
         else:
             assert new_example is None
-    assert run.cfg.reset_state and abs(losses[True] - losses[False]) > 1e-4
+    assert abs(losses[True] - losses[False]) > 1e-4
 
 
 def test_a_checkpoint_written_before_a_flag_existed_resumes_with_its_default(tmp_path):
@@ -492,6 +489,10 @@ def test_sweep_runs_seeds_into_subfolders_skips_finished_runs_and_summarizes(tmp
     capsys.readouterr()
     sweep.main(args)
     assert capsys.readouterr().out.count("skip") == 4
+    with pytest.raises(SystemExit):  # the same folders with another --steps: an error, not 4 skips
+        sweep.main([*args, "--steps", "3"])
+    captured = capsys.readouterr()
+    assert "--steps 2 there, 3 here" in captured.err and "skip" not in captured.out
 
 
 @pytest.mark.long
@@ -561,19 +562,14 @@ def test_stop_at_pauses_with_the_full_schedule_and_resumes_to_the_uninterrupted_
 
 
 @pytest.mark.long
-def test_the_cuda_loop_prefetching_batches_and_reading_losses_every_k_steps_trains_the_same_run(tmp_path,
-                                                                                               monkeypatch):
-    """On CUDA the next batch is built before the loss is read and losses are read every --sync-every steps:
-    forced on here, on the CPU, a run paused and resumed gives the plain loop's metrics, losses included."""
+def test_the_loop_prefetching_batches_and_reading_losses_every_k_steps_trains_the_same_run(tmp_path):
+    """The next batch is built before the loss is read (on CUDA, while the GPU works) and, with
+    --sync-every 3 (CUDA's default is 10), losses are read every 3 steps: a run paused at a step off
+    that grid, its checkpoint taken with a batch already built, resumes to the metrics of a run that
+    reads every loss and never stops, losses included."""
     args = [*TINY, "--steps", "20", "--eval-every", "10", "--pack", "14"]
     train.main([*args, "--out", str(tmp_path / "plain")])
-    init = train.Run.__init__
-
-    def cuda_like(self, cfg, out=None):
-        init(self, cfg, out)
-        self.prefetch = True
-    monkeypatch.setattr(train.Run, "__init__", cuda_like)
-    out = tmp_path / "cuda_like"
+    out = tmp_path / "every_3"
     train.main([*args, "--sync-every", "3", "--stop-at", "7", "--out", str(out)])
     assert json.loads((out / "config.json").read_text())["sync_every"] == 3
     train.main([*args, "--sync-every", "3", "--out", str(out)])
@@ -583,16 +579,18 @@ def test_the_cuda_loop_prefetching_batches_and_reading_losses_every_k_steps_trai
 
 @pytest.mark.long
 def test_reading_the_loss_every_k_steps_stops_a_diverged_run_within_k_steps(tmp_path, monkeypatch):
-    trained = []
-    step = train.Run.train_step
-    monkeypatch.setattr(train.Run, "train_step", lambda self: (step(self), trained.append(self.step)))
+    read_at = []  # the step of each read of the losses
+    read = train.read_losses
+    monkeypatch.setattr(train, "read_losses", lambda losses, progress: (read_at.append(progress.step),
+                                                                         read(losses, progress))[1])
     failed_at = {}
     for k in (1, 7):
-        trained.clear()
+        read_at.clear()
         with pytest.raises(SystemExit):
             train.main([*TINY, "--steps", "40", "--lr", "1e9", "--grad-clip", "0", "--sync-every", str(k),
                         "--out", str(tmp_path / str(k))])
-        failed_at[k] = (tmp_path / str(k) / "failed").read_text().split(":")[0], len(trained)
+        assert all(step % k == 0 for step in read_at)
+        failed_at[k] = (tmp_path / str(k) / "failed").read_text().split(":")[0], read_at[-1]
     (first, steps_1), (named, steps_7) = failed_at[1], failed_at[7]
     assert first == named == f"step {steps_1}"  # the same first non-finite step, named by both
     assert steps_1 <= steps_7 < steps_1 + 7 and steps_7 % 7 == 0
@@ -679,6 +677,25 @@ def test_resuming_with_other_flags_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.long
+def test_a_finished_folder_of_another_config_is_a_clear_error_not_its_table(tmp_path, capsys):
+    """A folder with `done` shows its table only to the command that trained it (the machine's flags
+    aside, and config.json's string keys read as the flags' ints); any other config is the resume
+    check's one-line error naming the flags that differ."""
+    out = tmp_path / "run"
+    args = [*TINY, "--steps", "2", "--eval-every", "2", "--layer-d-state", "1:8", "--out", str(out)]
+    train.main(args)
+    capsys.readouterr()
+    train.main([*args, "--threads", "2", "--stop-at", "1"])  # another machine: still this run
+    assert f"{out} is finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*args, "--lr", "1e-4", "--d-model", "8"])
+    said = capsys.readouterr()
+    assert exit_info.value.code == 2 and "is finished" not in said.out and len(said.err.splitlines()) == 1
+    assert "--d-model 16 there, 8 here, --lr 0.003 there, 0.0001 here" in said.err
+    assert len(rows_of(out)) == 2 and (out / "done").exists()
+
+
+@pytest.mark.long
 def test_torchrun_shares_a_sweep_between_two_processes(tmp_path):
     """Every run exists once, was trained by one rank, and rank 0's summary covers them all."""
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
@@ -694,8 +711,8 @@ def test_torchrun_shares_a_sweep_between_two_processes(tmp_path):
     assert all(len(lines) == 1 for lines in ranks) and {lines[0] for lines in ranks} == {"rank 0 of 2", "rank 1 of 2"}
     summary = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} | 1 |" in summary for name in preset("fig1")[2])
-    three = subprocess.run([c if c != "2" else "3" for c in command[:4]] + command[4:] + ["--steps", "3"],
-                           capture_output=True, text=True, timeout=600, cwd=HERE)  # finished runs count
+    three = subprocess.run([c if c != "2" else "3" for c in command[:4]] + command[4:],
+                           capture_output=True, text=True, timeout=600, cwd=HERE)  # 3 ranks, 0 runs left
     assert three.returncode == 0 and three.stdout.count("skip") == 4, three.stderr[-2000:]
     (runs[0] / "done").unlink()
     too_many = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)

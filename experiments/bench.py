@@ -458,21 +458,25 @@ def check_scans(c_by_kind, device):
 
 
 def _time_run(c, device, steps, warmup=2):
-    """(ms per training step, ms per evaluation) of train.py's Run for config c, as training runs it; the
-    evaluation timed on one batch per length, times --eval-batches."""
+    """(ms per training step, ms per evaluation) for config c: train.py's train_step on its
+    next_batch, as its loop runs them; the evaluation timed on one batch per length, times
+    --eval-batches."""
     import train
-    run = train.Run(dataclasses.replace(c, device=str(device)))
+    device, model, opt, schedule, batches = train.build_run(dataclasses.replace(c, device=str(device)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():  # train.py's step on its next batch; the loss stays on the device
+        return train.train_step(model, opt, schedule, c, *train.next_batch(c, batches, device)[1])
+
     for _ in range(warmup):  # Triton's compile, the allocator, caches
-        run.train_step()
-    run.read_losses()
+        step()
+    sync()
     start = time.perf_counter()
-    for _ in range(steps):
-        run.train_step()
-    run.read_losses()  # waits for the GPU
+    losses = [step() for _ in range(steps)]
+    torch.stack(losses).tolist()  # waits for the GPU, as train.py's read of the losses
     step_ms = 1e3 * (time.perf_counter() - start) / steps
     start = time.perf_counter()
-    train.evaluate_lengths(run.model, dataclasses.replace(run.cfg, eval_batches=1), run.device)
+    train.evaluate_lengths(model, dataclasses.replace(c, eval_batches=1), device)
     sync()
     return step_ms, 1e3 * (time.perf_counter() - start) * c.eval_batches
 
@@ -495,7 +499,7 @@ def check(args):
             if not c.pretrained:
                 first.setdefault(c.pattern or c.arch, (preset, c))
     ok = check_scans({kind: first[kind][1] for kind in ("mamba1", "mamba2")}, device)
-    print(f"\n## training step (forward, backward, AdamW; train.py's Run), {scale} scale, {steps} steps after 2 "
+    print(f"\n## training step (forward, backward, AdamW; train.py's loop), {scale} scale, {steps} steps after 2 "
           f"warm-up\n| architecture | from | d_model × layers, N | batch × train length | fp32 ms | bf16 ms | "
           f"bf16 / fp32 |\n"
           f"|---|---|---|---|---:|---:|---:|")

@@ -26,8 +26,8 @@ import torch
 from experiments import figures, presets
 from experiments.runtime import fail, load_checkpoint, print_table
 from mimetic import METRICS, TASKS, task_vocab_size
-from train import (Config, Diverged, add_flags, build_model, evaluate_lengths, example_inputs, int_list,
-                   model_config_kwargs, part_list, resolve_config, run_name, run_one, train)
+from train import (Config, Diverged, add_flags, build_model, check_same_run, evaluate_lengths, example_inputs,
+                   int_list, model_config_kwargs, part_list, resolve_config, run_name, run_one, train)
 
 DEFAULTS = Config()  # only the lr, c and seed of a grid without its own
 
@@ -171,6 +171,8 @@ def run_sweep(runs, out, names, title):
     pending = []
     for folder, cfg in runs:
         if (folder / "done").exists() or (folder / "failed").exists():
+            # a finished folder of another config (a flag not in its path) is an error, not a skip
+            check_same_run(json.loads((folder / "config.json").read_text()), cfg, folder)
             if rank == 0:
                 print(f"skip {folder} ({'done' if (folder / 'done').exists() else 'failed'})")
         else:
