@@ -87,14 +87,14 @@ class Config:
     c: float = option(8.0, "mimetic A reparameterization A = -exp(-c·A_log)")
     d_model: int = option(64, "model width")
     n_layers: int = option(2, "number of layers")
-    d_state: int | None = option(None, "state size N (default: mimetic.ARCHS', §5: mamba1 32, "
-                                 "mamba2 128)", int)
+    d_state: int | None = option(None, "state size N (default: mimetic.ModelConfig's for the arch, "
+                                 "§5: mamba1 32, mamba2 128)", int)
     layer_d_state: dict | None = option(None, "state sizes of particular layers, e.g. 1:32 "
                                         "(Fig. 5)", layer_states)
     headdim: int = option(32, "mamba2 head dimension (ours: 4 heads at width 64; the paper's, in "
                           "mimetic.ARCHS: 64)")
-    expand: int | None = option(None, "Mamba inner width / d_model (default: mimetic.ARCHS', 2)",
-                                int)
+    expand: int | None = option(None, "Mamba inner width / d_model (default: "
+                                "mimetic.ModelConfig's, 2)", int)
     n_heads: int = option(1, "heads of attention / linear attention layers")
     linear_head_dim: int = option(32, "query/key features per head of linear attention layers")
     vocab_size: int = option(64, "number of content tokens of the task (the LM adds the task's "
@@ -196,9 +196,6 @@ def resolve_config(config):
     cfg = Config(**{f.name: config[f.name] for f in fields(Config) if f.name in config})
     if (letter := ARCHS[cfg.arch].letter) != "M":  # attention (A), linear (L), ...: as hybrids
         cfg.pattern = cfg.pattern or letter * cfg.n_layers
-    for name in ("d_state", "headdim", "expand"):  # those left unset: the arch's, from its entry
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, ARCHS[cfg.arch].defaults.get(name))
     cfg.n_layers = len(cfg.pattern) if cfg.pattern else cfg.n_layers
     if cfg.mimetic_parts is not None:
         if bad := [p for p in cfg.mimetic_parts if p not in PARTS]:
@@ -229,8 +226,15 @@ def resolve_config(config):
         except ValueError as e:
             raise ValueError(f"{cfg.task} at length {length} with --vocab-size {cfg.vocab_size}: "
                              f"{e}") from None
-    if not cfg.pretrained:
-        ModelConfig(**model_config_kwargs(cfg))  # the model's checks (pattern, layer_d_state, ...)
+    # The model's sizes left None are its config's: mimetic.ModelConfig fills them from the arch's
+    # entry in ARCHS and checks them (pattern, layer_d_state, ...). --pretrained brings its own
+    # model, so there only the fill.
+    if cfg.pretrained:
+        model = ModelConfig(arch=cfg.arch, d_state=cfg.d_state, headdim=cfg.headdim,
+                            expand=cfg.expand)
+    else:
+        model = ModelConfig(**model_config_kwargs(cfg))
+    cfg.d_state, cfg.headdim, cfg.expand = model.d_state, model.headdim, model.expand
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
