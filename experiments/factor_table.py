@@ -81,14 +81,21 @@ def table(root, cells):
                   f"{mean_std(column['tok1'])} | {mean_std(column['tok2'])} |")
 
 
+PANELS_PER_ROW = 6
+
+
 def plot(root, cells, out):
-    """Training loss vs step, one panel per cell: each seed thin, default blue, mimetic orange; the dashed
-    line is 0.9 ln(vocab_size), where the plateau ends."""
+    """Training loss vs step, one panel per cell, at most PANELS_PER_ROW to a row: each seed thin, default
+    blue, mimetic orange; the dashed line is 0.9 ln(vocab_size), where the plateau ends."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3), sharey=True, squeeze=False)
-    for ax, cell in zip(axes[0], cells):
+    columns = min(len(cells), PANELS_PER_ROW)
+    rows = math.ceil(len(cells) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    for ax, cell in zip(axes.flat, cells):
         for config_dir in config_dirs(root, cell):
             color = "tab:orange" if init_name(config_dir) == "mimetic" else "tab:blue"
             for config, rows in finished_runs(config_dir):
@@ -97,7 +104,8 @@ def plot(root, cells, out):
                 ax.axhline(0.9 * math.log(config["vocab_size"]), color="gray", ls="--", lw=0.6)
         ax.set_title(cell, fontsize=9)
         ax.set_xlabel("step")
-    axes[0][0].set_ylabel("training loss")
+    for row in axes:
+        row[0].set_ylabel("training loss")
     fig.suptitle("blue: default init, orange: mimetic init, one line a seed; dashed: 0.9 ln(vocab)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
