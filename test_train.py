@@ -833,3 +833,18 @@ def test_factor_table_finds_the_plateau_exit_and_the_first_steps_at_half_exact_m
     factor_table.table(tmp_path, ["cell"])
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("| cell | mimetic | 2 | 15 ± 7 | 15 ± 7 | 30 (1 never) | 0.850 ± 0.071 | 0.400 ± 0.141 |")
+
+
+def test_factor_table_plot_wraps_its_panels_into_rows(tmp_path):
+    """Seven cells make two rows of at most PANELS_PER_ROW panels, each 3.2 × 3 inches at 110 dpi."""
+    import matplotlib.image
+    rows = [{"step": step, "loss": 3.0 - step / 10} for step in (0, 10, 20)]
+    cells = [f"cell{k}" for k in range(7)]
+    for cell in cells:
+        folder = tmp_path / cell / "mamba2_mimetic" / "seed0"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"vocab_size": 26, "eval_lens": [4, 8], "steps": 20}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    factor_table.plot(tmp_path, cells, tmp_path / "factors.png")
+    height, width, _ = matplotlib.image.imread(tmp_path / "factors.png").shape
+    assert factor_table.PANELS_PER_ROW == 6 and (height, width) == (2 * 3 * 110, round(6 * 3.2 * 110))

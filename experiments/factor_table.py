@@ -90,9 +90,10 @@ def plot(root, cells, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    columns = min(len(cells), PANELS_PER_ROW)
-    rows = math.ceil(len(cells) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), sharey=True, squeeze=False)
+    panel_columns = min(len(cells), PANELS_PER_ROW)
+    panel_rows = math.ceil(len(cells) / panel_columns)
+    fig, axes = plt.subplots(panel_rows, panel_columns, figsize=(3.2 * panel_columns, 3 * panel_rows),
+                             sharey=True, squeeze=False)
     for ax in axes.flat[len(cells):]:
         ax.axis("off")
     for ax, cell in zip(axes.flat, cells):
