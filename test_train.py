@@ -815,6 +815,13 @@ def test_a_sweep_whose_runs_all_pause_exits_cleanly_and_writes_the_summary_once_
     assert (tmp_path / "summary.md").exists() and len(list(tmp_path.glob("*/seed*/done"))) == 2
 
 
+def write_run_folder(folder, config, rows):
+    """A finished run's folder as train.py leaves it, with only what factor_table reads."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_factor_table_finds_the_plateau_exit_and_the_first_steps_at_half_exact_match(tmp_path, capsys):
     """Issue 39's table from a sweep's folders: the first eval under 0.9 ln(vocab), the first step with exact
     match ≥ 0.5 at 1× and 2× (a seed that never gets there counted apart), and the last eval's metrics."""
@@ -823,10 +830,8 @@ def test_factor_table_finds_the_plateau_exit_and_the_first_steps_at_half_exact_m
     runs = {"seed0": [row(0, None, 0, 0), row(10, 3.0, 0, 0), row(20, 2.0, 0.6, 0.1), row(30, 1.0, 0.9, 0.5)],
             "seed1": [row(0, None, 0, 0), row(10, 2.5, 0.5, 0), row(20, 2.4, 0.7, 0.2), row(30, 2.0, 0.8, 0.3)]}
     for seed, rows in runs.items():
-        folder = tmp_path / "cell" / "mamba2_mimetic" / seed
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text(json.dumps({"vocab_size": 26, "eval_lens": [4, 8], "steps": 30}))
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_run_folder(tmp_path / "cell" / "mamba2_mimetic" / seed,
+                         {"vocab_size": 26, "eval_lens": [4, 8], "steps": 30}, rows)
     assert 0.9 * math.log(26) < 3.0  # seed 0 leaves the plateau at step 20, seed 1 at step 10
     assert factor_table.run_facts({"vocab_size": 26, "eval_lens": [4, 8]}, runs["seed0"]) == {
         "exit": 20, "em1_step": 20, "em2_step": 30, "em1": 0.9, "em2": 0.5, "tok1": 0.9, "tok2": 0.5, "step": 30}
@@ -841,10 +846,8 @@ def test_factor_table_plot_wraps_its_panels_into_rows(tmp_path):
     rows = [{"step": step, "loss": 3.0 - step / 10} for step in (0, 10, 20)]
     cells = [f"cell{k}" for k in range(7)]
     for cell in cells:
-        folder = tmp_path / cell / "mamba2_mimetic" / "seed0"
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text(json.dumps({"vocab_size": 26, "eval_lens": [4, 8], "steps": 20}))
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_run_folder(tmp_path / cell / "mamba2_mimetic" / "seed0",
+                         {"vocab_size": 26, "eval_lens": [4, 8], "steps": 20}, rows)
     factor_table.plot(tmp_path, cells, tmp_path / "factors.png")
     height, width, _ = matplotlib.image.imread(tmp_path / "factors.png").shape
     assert factor_table.PANELS_PER_ROW == 6 and (height, width) == (2 * 3 * 110, round(6 * 3.2 * 110))
